@@ -1,0 +1,73 @@
+"""Atomic file output (temp file + rename) and JSON helpers that fail with a BadInput, not a traceback."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from lpr4m.errors import BadInput
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kw) -> Iterator[Any]:
+    """Open a temp file next to ``path``; on success rename it over ``path``, on error remove it.
+
+    A reader never sees a half-written file and an interrupted job leaves the old file intact.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if "b" not in mode:
+        open_kw.setdefault("encoding", "utf-8")
+    try:
+        with os.fdopen(fd, mode, **open_kw) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path for libraries that write files themselves (faiss, onnx, torch.save)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix or ".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
+    with atomic_write(path) as f:
+        json.dump(obj, f, indent=indent, ensure_ascii=False)
+        f.write("\n")
+
+
+def read_json(path: str | os.PathLike, expect: type | None = None) -> Any:
+    """Read a JSON file; truncated/invalid JSON or the wrong top-level type raises BadInput naming the file."""
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except FileNotFoundError:
+        raise BadInput(path, "file not found") from None
+    except json.JSONDecodeError as e:
+        raise BadInput(path, f"invalid JSON ({e.msg} at column {e.colno})", line=e.lineno) from None
+    except UnicodeDecodeError:
+        raise BadInput(path, "not UTF-8 text (expected a JSON file)") from None
+    if expect is not None and not isinstance(obj, expect):
+        raise BadInput(path, f"expected a JSON {expect.__name__}, got {type(obj).__name__}")
+    return obj

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# One-command set-up: makes .venv and installs the project with every dependency. Safe to re-run.
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+OPENCV=opencv-python-headless==4.12.0.88
+
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+PIP=(.venv/bin/python -m pip --disable-pip-version-check)
+# torch first, by exact pin: these two wheels are served from the local disk on the dev/CI machines.
+"${PIP[@]}" install -q torch==2.14.1 torchvision==0.29.1
+"${PIP[@]}" install -q -e ".[dev]"
+# ultralytics pulls opencv-python, img2dataset/albumentations pull opencv-python-headless: both write cv2/.
+# Keep exactly one (headless, what img2dataset asks for); ultralytics only needs the cv2 module.
+if "${PIP[@]}" show -q opencv-python >/dev/null 2>&1; then
+  "${PIP[@]}" uninstall -q -y opencv-python opencv-python-headless
+  "${PIP[@]}" install -q --no-deps "$OPENCV"
+fi
+.venv/bin/python -c "import cv2, torch, ultralytics, faiss, onnxruntime, timm, av, img2dataset, pycocotools; print('set-up OK: cv2', cv2.__version__, '| torch', torch.__version__, '| ultralytics', ultralytics.__version__)"
