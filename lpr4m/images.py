@@ -19,6 +19,8 @@ def load_rgb(path) -> np.ndarray:
             from PIL import ImageOps
             im = ImageOps.exif_transpose(im)
             return np.asarray(im.convert("RGB"))
+    except BadInput:  # a ValueError subclass: keep its message ("empty file") rather than re-wrap it below
+        raise
     except FileNotFoundError:
         raise BadInput(path, "image not found") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:

@@ -11,6 +11,19 @@ from typing import Any, Iterator
 from lpr4m.errors import BadInput
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _make_temp(path: Path, suffix: str) -> tuple[int, str]:
+    """mkstemp gives 0600; give the final file the mode a plain open() would (0666 minus the umask)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.chmod(tmp, 0o666 & ~_umask())
+    return fd, tmp
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kw) -> Iterator[Any]:
     """Open a temp file next to ``path``; on success rename it over ``path``, on error remove it.
@@ -19,7 +32,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kw) -> Iterato
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _make_temp(path, ".tmp")
     if "b" not in mode:
         open_kw.setdefault("encoding", "utf-8")
     try:
@@ -39,7 +52,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path for libraries that write files themselves (faiss, onnx, torch.save)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix or ".tmp", dir=path.parent)
+    fd, tmp = _make_temp(path, path.suffix or ".tmp")
     os.close(fd)
     try:
         yield Path(tmp)

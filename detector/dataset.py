@@ -1,0 +1,200 @@
+"""The YOLO view of an LPR4M dataset, built once and cached (no image copies).
+
+Layout of a cache entry ``<cache>/<key>/``::
+
+    images/train/<video_id> -> ROOT/training_video/<video_id>   (one directory symlink per clip)
+    images/val/<video_id>   -> ROOT/query/<video_id>
+    labels/{train,val}/<video_id>/<frame_id>.txt                 (YOLO: "0 cx cy w h", normalised; empty = no product)
+    train.txt, val.txt                                           (./images/... one frame per line)
+    data.yaml, manifest.json                                     (manifest is written last: the "done" marker)
+
+Ultralytics finds a label by replacing ``/images/`` with ``/labels/`` in the image path, which is why images are
+reached through the symlinked ``images/`` tree. The key hashes the dataset root and the size and mtime of the
+annotation files, so a changed annotation rebuilds and an unchanged one is reused. Rows are streamed and written by
+a process pool in chunks; memory holds one chunk, never the whole list (the test boxes JSON is read whole).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections import Counter
+from dataclasses import dataclass
+from itertools import groupby, islice
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from lpr4m.cli import progress
+from lpr4m.errors import BadInput, Problems
+from lpr4m.io import atomic_write, read_json, write_json
+from lpr4m.ids import parse_frame_id
+from lpr4m.layout import Dataset
+
+logger = logging.getLogger(__name__)
+
+BUILD_VERSION = 1
+CHUNK = 256  # clips per worker task
+MIN_SIDE = 1e-6  # boxes thinner than this (normalised) carry no signal and break YOLO's xywh
+
+
+@dataclass
+class YoloData:
+    root: Path
+    yaml: Path
+    manifest: dict
+
+    @property
+    def train_list(self) -> Path:
+        return self.root / "train.txt"
+
+    @property
+    def val_list(self) -> Path:
+        return self.root / "val.txt"
+
+
+def cache_key(ds: Dataset) -> str:
+    h = hashlib.sha256(f"v{BUILD_VERSION}|{ds.root.resolve()}".encode())
+    for key in ("training_videoinfo", "gtbox"):
+        p = ds.annotation(key, required=False)
+        if p is not None:
+            st = p.stat()
+            h.update(f"|{p.name}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def default_cache_dir() -> Path:
+    from detector.yolo import cache_root  # only a path helper; does not import ultralytics
+    return cache_root() / "detector-data"
+
+
+def yolo_label(boxes: Iterable) -> tuple[str, int]:
+    """YOLO label text for normalised xyxy boxes, and how many degenerate boxes were dropped."""
+    lines, dropped = [], 0
+    for x1, y1, x2, y2 in boxes:
+        w, h = x2 - x1, y2 - y1
+        if w < MIN_SIDE or h < MIN_SIDE:
+            dropped += 1
+            continue
+        lines.append(f"0 {(x1 + x2) / 2:.6f} {(y1 + y2) / 2:.6f} {w:.6f} {h:.6f}")
+    return "".join(line + "\n" for line in lines), dropped
+
+
+def _write_chunk(task) -> tuple[list[str], dict]:
+    """Worker: link each clip's frame folder, write its labels; returns the list lines and counts."""
+    split, out_root, items = task
+    counts: Counter = Counter()
+    lines: list[str] = []
+    out_root = Path(out_root)
+    for video_id, frame_dir, frames in items:
+        link = out_root / "images" / split / video_id
+        if not os.path.islink(link):
+            link.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(frame_dir, link, target_is_directory=True)
+        label_dir = out_root / "labels" / split / video_id
+        label_dir.mkdir(parents=True, exist_ok=True)
+        for frame_id, boxes in frames:
+            frame = os.path.join(frame_dir, frame_id + ".jpg")
+            try:
+                if os.stat(frame).st_size == 0:
+                    counts["empty_frame"] += 1
+                    continue
+            except FileNotFoundError:
+                counts["missing_frame"] += 1
+                continue
+            text, dropped = yolo_label(boxes)
+            counts["degenerate_box"] += dropped
+            with open(label_dir / (frame_id + ".txt"), "w", encoding="utf-8") as f:
+                f.write(text)
+            lines.append(f"./images/{split}/{video_id}/{frame_id}.jpg\n")
+            counts["frames"] += 1
+            counts["boxes"] += text.count("\n")
+            counts["background_frames"] += text == ""
+    return lines, dict(counts)
+
+
+def _train_items(ds: Dataset, problems: Problems) -> Iterator[tuple[str, str, list]]:
+    for clip in ds.training_clips(problems):
+        if not clip.has_boxes:  # not in the detection subset
+            continue
+        frame_dir = str(ds.path("training_video", clip.video_id).resolve())
+        yield clip.video_id, frame_dir, list(zip(clip.frame_ids, clip.boxes))
+
+
+def _val_items(ds: Dataset) -> Iterator[tuple[str, str, list]]:
+    items = sorted(ds.gt_boxes.items())
+    for video_id, group in groupby(items, key=lambda kv: parse_frame_id(kv[0])[0]):
+        frame_dir = str(ds.path("query", video_id).resolve())
+        yield video_id, frame_dir, list(group)
+
+
+def _chunks(it: Iterator, n: int) -> Iterator[list]:
+    while chunk := list(islice(it, n)):
+        yield chunk
+
+
+def _run_split(split: str, items: Iterator, out: Path, workers: int, problems: Problems) -> dict:
+    counts: Counter = Counter()
+    tasks = ((split, str(out), chunk) for chunk in _chunks(items, CHUNK))
+    bar = progress(desc=f"labels {split}", unit="frame")
+    with atomic_write(out / f"{split}.txt") as f:
+        if workers > 1:
+            with get_context("fork" if os.name == "posix" else "spawn").Pool(workers) as pool:
+                results = pool.imap(_write_chunk, tasks)
+                for lines, c in results:
+                    f.writelines(lines)
+                    counts.update(c)
+                    bar.update(c.get("frames", 0))
+        else:
+            for task in tasks:
+                lines, c = _write_chunk(task)
+                f.writelines(lines)
+                counts.update(c)
+                bar.update(c.get("frames", 0))
+    bar.close()
+    for kind in ("missing_frame", "empty_frame", "degenerate_box"):
+        if counts.get(kind):
+            problems.counts[kind] += counts[kind]
+            problems.messages.append(f"{split}: {counts[kind]} {kind.replace('_', ' ')}(s) skipped")
+            if problems.strict:
+                raise BadInput(out / f"{split}.txt", f"{counts[kind]} {kind.replace('_', ' ')}(s) in the {split} split")
+    return dict(counts)
+
+
+def build_yolo_dataset(ds: Dataset, cache_dir=None, workers: int | None = None, problems: Problems | None = None,
+                       rebuild: bool = False) -> YoloData:
+    """The cached YOLO dataset for ``ds`` (built now if absent); ``train`` = boxed training clips, ``val`` = test
+    frames listed in ``test_frameid2gtbox``."""
+    problems = problems or Problems()
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    out = cache_dir / cache_key(ds)
+    manifest_path = out / "manifest.json"
+    if manifest_path.is_file() and not rebuild:
+        manifest = read_json(manifest_path, expect=dict)
+        logger.info("reusing YOLO dataset cache %s (%d train / %d val frames)", out,
+                    manifest["train"].get("frames", 0), manifest["val"].get("frames", 0))
+        manifest["reused"] = True
+        return YoloData(out, out / "data.yaml", manifest)
+    if out.exists():  # an interrupted or forced build: start clean
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    workers = max(1, workers if workers is not None else min(8, os.cpu_count() or 1))
+    logger.info("building YOLO dataset cache %s from %s (%d workers)", out, ds.root, workers)
+    train = _run_split("train", _train_items(ds, problems), out, workers, problems)
+    if ds.annotation("gtbox", required=False) is None:
+        raise BadInput(ds.root / "annotations", "missing test_frameid2gtbox*.json (needed for validation boxes)")
+    val = _run_split("val", _val_items(ds), out, workers, problems)
+    if not train.get("frames"):
+        raise BadInput(ds.annotation("training_videoinfo"), "no training frame with boxes found on disk "
+                                                            "(the detection subset needs box lists and frames)")
+    if not val.get("frames"):
+        raise BadInput(ds.annotation("gtbox"), "no test frame listed in test_frameid2gtbox found under query/")
+    (out / "data.yaml").write_text(json.dumps({"path": str(out.resolve()), "train": "train.txt", "val": "val.txt",
+                                               "names": ["product"], "nc": 1}) + "\n", encoding="utf-8")
+    manifest = {"dataset": str(ds.root.resolve()), "key": out.name, "train": train, "val": val,
+                "problems": problems.as_dict(), "build_version": BUILD_VERSION}
+    write_json(manifest_path, manifest)
+    manifest["reused"] = False
+    return YoloData(out, out / "data.yaml", manifest)

@@ -1,0 +1,330 @@
+"""The neutral detection API: ``load_detector(weights).detect(frames) -> [Detections]``.
+
+Backends are chosen by the weights file's suffix (``.safetensors``/``.pt`` PyTorch, ``.onnx`` ONNX Runtime,
+``.engine`` TensorRT). All of them share one preprocessing (square letterbox, pad 114, RGB/255) and one
+postprocessing (score filter, class-agnostic NMS, boxes mapped back to the frame), so their outputs agree up to the
+network's numerics.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from detector.config import DetectorConfig, sidecar
+from lpr4m.errors import BadInput
+
+logger = logging.getLogger(__name__)
+
+PAD_VALUE = 114
+
+
+@dataclass
+class Detections:
+    """Boxes of one frame: ``xyxy`` (N, 4) float32 pixel coordinates, ``scores`` (N,) float32, best first."""
+
+    xyxy: np.ndarray
+    scores: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    @classmethod
+    def empty(cls) -> "Detections":
+        return cls(np.zeros((0, 4), np.float32), np.zeros((0,), np.float32))
+
+
+@dataclass
+class Letterbox:
+    gain: float
+    pad_x: float
+    pad_y: float
+    height: int  # original frame size
+    width: int
+
+
+def letterbox(rgb: np.ndarray, size: int) -> tuple[np.ndarray, Letterbox]:
+    """Resize the long side to ``size`` (area filter down, linear up) and pad to a centred square."""
+    import cv2
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise BadInput(None, f"expected an HxWx3 uint8 RGB frame, got shape {rgb.shape} dtype {rgb.dtype}")
+    h, w = rgb.shape[:2]
+    r = size / max(h, w)
+    nw, nh = min(size, max(1, math.ceil(w * r - 1e-6))), min(size, max(1, math.ceil(h * r - 1e-6)))
+    if (nw, nh) != (w, h):
+        rgb = cv2.resize(rgb, (nw, nh), interpolation=cv2.INTER_AREA if r < 1 else cv2.INTER_LINEAR)
+    dw, dh = (size - nw) / 2, (size - nh) / 2
+    top, left = round(dh - 0.1), round(dw - 0.1)
+    bottom, right = size - nh - top, size - nw - left
+    out = cv2.copyMakeBorder(rgb, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(PAD_VALUE,) * 3)
+    return out, Letterbox(gain=nw / w, pad_x=left, pad_y=top, height=h, width=w)
+
+
+def preprocess(frames: Sequence[np.ndarray], size: int) -> tuple[np.ndarray, list[Letterbox]]:
+    """Frames -> float32 NCHW batch in [0, 1] and the letterbox parameters of each frame."""
+    batch = np.empty((len(frames), 3, size, size), np.float32)
+    boxes = []
+    for i, f in enumerate(frames):
+        im, lb = letterbox(np.asarray(f), size)
+        batch[i] = im.transpose(2, 0, 1) / np.float32(255.0)
+        boxes.append(lb)
+    return batch, boxes
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
+    """Indices kept by greedy NMS, highest score first (torchvision's C++ kernel)."""
+    import torch
+    import torchvision
+    return torchvision.ops.nms(torch.from_numpy(boxes), torch.from_numpy(scores), iou).numpy()
+
+
+def postprocess(raw: np.ndarray, lbs: list[Letterbox], conf: float, iou: float, max_det: int) -> list[Detections]:
+    """Raw head output ``(B, 4 + nc, A)`` (cx, cy, w, h in input pixels; class scores) -> per-frame detections."""
+    raw = np.asarray(raw, dtype=np.float32)
+    out = []
+    for pred, lb in zip(raw, lbs):
+        scores = pred[4:].max(axis=0)
+        keep = scores > conf
+        if not keep.any():
+            out.append(Detections.empty())
+            continue
+        xywh, scores = pred[:4, keep].T, scores[keep]
+        if len(scores) > 30000:  # same cap as ultralytics: bounded NMS time on noisy frames
+            top = np.argpartition(-scores, 30000)[:30000]
+            xywh, scores = xywh[top], scores[top]
+        xyxy = np.empty_like(xywh)
+        xyxy[:, :2] = xywh[:, :2] - xywh[:, 2:] / 2
+        xyxy[:, 2:] = xywh[:, :2] + xywh[:, 2:] / 2
+        idx = nms(np.ascontiguousarray(xyxy), np.ascontiguousarray(scores), iou)[:max_det]
+        xyxy, scores = xyxy[idx], scores[idx]
+        xyxy[:, [0, 2]] = ((xyxy[:, [0, 2]] - lb.pad_x) / lb.gain).clip(0, lb.width)
+        xyxy[:, [1, 3]] = ((xyxy[:, [1, 3]] - lb.pad_y) / lb.gain).clip(0, lb.height)
+        out.append(Detections(xyxy.astype(np.float32), scores.astype(np.float32)))
+    return out
+
+
+class Detector:
+    """Runs a backend on batches of RGB frames. ``conf``/``iou``/``max_det`` may be changed between calls."""
+
+    def __init__(self, backend, config: DetectorConfig, conf: float | None = None, imgsz: int | None = None,
+                 batch_size: int = 16):
+        self.backend = backend
+        self.config = config
+        self.conf = config.conf if conf is None else float(conf)
+        self.iou = config.iou
+        self.max_det = config.max_det
+        self.imgsz = int(imgsz or config.imgsz)
+        fixed = getattr(backend, "fixed_imgsz", None)
+        if fixed and self.imgsz != fixed:
+            logger.warning("%s has a fixed input size %d; ignoring imgsz=%d", backend.name, fixed, self.imgsz)
+            self.imgsz = fixed
+        if self.imgsz % config.stride:
+            raise BadInput(None, f"imgsz {self.imgsz} must be a multiple of the model stride {config.stride}")
+        self.batch_size = batch_size
+
+    @property
+    def name(self) -> str:
+        return self.backend.name
+
+    def raw(self, batch: np.ndarray) -> np.ndarray:
+        return self.backend(batch)
+
+    def detect(self, frames: Sequence[np.ndarray]) -> list[Detections]:
+        """Detections for each frame (HxWx3 uint8 RGB), in input order."""
+        out: list[Detections] = []
+        max_bs = getattr(self.backend, "max_batch", None) or self.batch_size
+        for i in range(0, len(frames), max_bs):
+            chunk = frames[i:i + max_bs]
+            batch, lbs = preprocess(chunk, self.imgsz)
+            out += postprocess(self.backend(batch), lbs, self.conf, self.iou, self.max_det)
+        return out
+
+    __call__ = detect
+
+
+# -- backends -------------------------------------------------------------------------------------------------
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, model, device: str = "cpu"):
+        import torch
+        self.torch = torch
+        self.device = torch.device(_torch_device(device))
+        self.model = model.to(self.device).eval()
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        with self.torch.inference_mode():
+            y = self.model(self.torch.from_numpy(batch).to(self.device))
+        return y.float().cpu().numpy()
+
+
+def _torch_device(device: str) -> str:
+    device = str(device).strip().lower()
+    if device.isdigit():
+        return f"cuda:{device}"
+    if device.startswith("cuda") or device in ("cpu", "mps"):
+        return device
+    raise BadInput(None, f"unknown device {device!r} (expected cpu, 0, cuda:0, ...)")
+
+
+def onnx_providers(device: str = "cpu") -> list[str]:
+    """TensorRT / CUDA execution providers when ONNX Runtime has them and a GPU is asked for, else the CPU."""
+    import onnxruntime as ort
+    available = ort.get_available_providers()
+    chosen = []
+    if str(device).lower() != "cpu":
+        chosen = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available]
+    return chosen + ["CPUExecutionProvider"]
+
+
+class OnnxBackend:
+    name = "onnxruntime"
+
+    def __init__(self, path: Path, device: str = "cpu", threads: int | None = None):
+        import onnxruntime as ort
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            opts.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=onnx_providers(device))
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+            raise BadInput(path, f"not a loadable ONNX model ({type(e).__name__}: {str(e)[:100]})") from None
+        inp = self.session.get_inputs()[0]
+        self.input_name = inp.name
+        self.fixed_imgsz = inp.shape[2] if isinstance(inp.shape[2], int) else None
+        self.max_batch = inp.shape[0] if isinstance(inp.shape[0], int) else None
+        self.providers = self.session.get_providers()
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: batch})[0]
+
+
+class TensorRTBackend:
+    """A serialized TensorRT engine (built by ``detector/export.py --format engine`` on the target GPU)."""
+
+    name = "tensorrt"
+
+    def __init__(self, path: Path, device: str = "0"):
+        try:
+            import tensorrt as trt
+            import torch
+        except ImportError:
+            raise BadInput(path, "TensorRT engines need the tensorrt package and an NVIDIA GPU "
+                                 "(pip install .[gpu]); use the .onnx or .safetensors weights here") from None
+        if not torch.cuda.is_available():
+            raise BadInput(path, "TensorRT engines need an NVIDIA GPU (CUDA is not available here)")
+        self.torch = torch
+        self.device = torch.device(_torch_device(device if str(device) != "cpu" else "0"))
+        trt_logger = trt.Logger(trt.Logger.WARNING)
+        with open(path, "rb") as f, trt.Runtime(trt_logger) as runtime:
+            self.engine = runtime.deserialize_cuda_engine(f.read())
+        if self.engine is None:
+            raise BadInput(path, "could not deserialize the TensorRT engine (built for another GPU/TensorRT version?)")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.input_name = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
+        self.output_name = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
+        shape = self.engine.get_tensor_shape(self.input_name)
+        self.fixed_imgsz = int(shape[2]) if shape[2] > 0 else None
+        profile_max = self.engine.get_tensor_profile_shape(self.input_name, 0)[2] if shape[0] < 0 else shape
+        self.max_batch = int(profile_max[0])
+        self.stream = torch.cuda.Stream(device=self.device)
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        torch = self.torch
+        x = torch.from_numpy(batch).to(self.device)
+        self.context.set_input_shape(self.input_name, tuple(x.shape))
+        out_shape = tuple(self.context.get_tensor_shape(self.output_name))
+        y = torch.empty(out_shape, dtype=torch.float32, device=self.device)
+        dtype = self.engine.get_tensor_dtype(self.input_name)
+        if "HALF" in str(dtype):
+            x = x.half()
+        self.context.set_tensor_address(self.input_name, x.data_ptr())
+        self.context.set_tensor_address(self.output_name, y.data_ptr())
+        self.context.execute_async_v3(self.stream.cuda_stream)
+        self.stream.synchronize()
+        return y.float().cpu().numpy()
+
+
+# -- loading --------------------------------------------------------------------------------------------------
+def read_onnx_config(path: Path) -> DetectorConfig:
+    """The DetectorConfig stored in the ONNX model's metadata (export writes it), else the JSON beside it."""
+    import json
+    import onnx
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # noqa: BLE001
+        raise BadInput(path, f"not an ONNX model ({type(e).__name__})") from None
+    meta = {p.key: p.value for p in proto.metadata_props}
+    if "lpr_detector_config" in meta:
+        return DetectorConfig.from_dict(json.loads(meta["lpr_detector_config"]), path)
+    if sidecar(path).is_file():
+        return DetectorConfig.load(sidecar(path))
+    raise BadInput(path, "ONNX model without detector metadata (export it with detector/export.py)")
+
+
+def load_torch_model(weights, trust_pickle: bool = False):
+    """(DetectionModel, DetectorConfig) from our safetensors + JSON, or an ultralytics ``.pt`` (restricted load)."""
+    from detector import yolo
+    weights = Path(weights)
+    if not weights.is_file():
+        raise BadInput(weights, "weights file not found")
+    if weights.suffix == ".safetensors":
+        cfg_path = sidecar(weights)
+        if not cfg_path.is_file():
+            raise BadInput(weights, f"missing its config {cfg_path.name} (written beside the weights by training)")
+        cfg = DetectorConfig.load(cfg_path)
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            state = load_file(str(weights))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise BadInput(weights, f"not a safetensors file ({type(e).__name__})") from None
+        model = yolo.build_model(cfg.model_yaml, cfg.nc, cfg.names)
+        yolo.load_state(model, state, weights)
+        return model, cfg
+    if weights.suffix == ".pt":
+        model = yolo.load_ultralytics_checkpoint(weights, trust_pickle=trust_pickle)
+        names = model.names if isinstance(model.names, dict) else dict(enumerate(model.names))
+        cfg = DetectorConfig(model=str(model.yaml.get("yaml_file", "")), model_yaml=yolo.model_yaml(model.yaml,
+                             len(names)), nc=len(names), names=[names[i] for i in sorted(names)],
+                             imgsz=int(getattr(model, "args", {}).get("imgsz", 640) or 640)
+                             if isinstance(getattr(model, "args", None), dict) else 640,
+                             stride=int(max(model.stride)), source=str(weights), sha256=yolo.sha256_file(weights),
+                             ultralytics_version=yolo.version())
+        return model, cfg
+    raise BadInput(weights, "expected detector weights ending in .safetensors or .pt")
+
+
+def load_detector(weights, device: str = "cpu", conf: float = 0.25, imgsz: int | None = None,
+                  trust_pickle: bool = False, batch_size: int = 16) -> Detector:
+    """A ``Detector`` for ``weights``; the backend follows the suffix (.safetensors/.pt, .onnx, .engine).
+
+    >>> det = load_detector("weights/detector.safetensors")
+    >>> det.detect([rgb])[0].xyxy  # (N, 4) float32 pixels
+    """
+    weights = Path(weights)
+    if not weights.is_file():
+        raise BadInput(weights, "weights file not found")
+    suffix = weights.suffix.lower()
+    if suffix in (".safetensors", ".pt"):
+        from detector import yolo
+        model, cfg = load_torch_model(weights, trust_pickle=trust_pickle)
+        backend = TorchBackend(yolo.inference_model(model), device)
+    elif suffix == ".onnx":
+        cfg = read_onnx_config(weights)
+        backend = OnnxBackend(weights, device)
+    elif suffix == ".engine":
+        cfg_path = sidecar(weights)
+        if not cfg_path.is_file():
+            raise BadInput(weights, f"missing its config {cfg_path.name} (export writes it beside the engine)")
+        cfg = DetectorConfig.load(cfg_path)
+        backend = TensorRTBackend(weights, device)
+    else:
+        raise BadInput(weights, "unknown detector weights type (expected .safetensors, .pt, .onnx or .engine)")
+    return Detector(backend, cfg, conf=conf, imgsz=imgsz, batch_size=batch_size)

@@ -1,0 +1,12 @@
+"""Thin script: `python detector/train.py --help` (logic in detector/training.py)."""
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":  # run as a script: import from the repo, never shadow modules with detector/*.py
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from detector.training import main  # noqa: E402
+from lpr4m.cli import run_main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

@@ -1,0 +1,261 @@
+"""``python detector/train.py --data ROOT``: build the cached YOLO dataset, train offline, keep a run folder.
+
+A run folder ``runs/detector/<YYYYmmdd-HHMMSS>-<name>/`` holds ultralytics' ``weights/{last,best}.pt`` (+ their
+sha256 in ``weights/trusted.json``), ``args.yaml``, ``results.csv`` (one row per epoch), our ``config.json`` and
+``metrics.json``, and the published form ``weights/detector.safetensors`` + ``weights/detector.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+from lpr4m.cli import emit_json, setup_logging
+from lpr4m.errors import BadInput, Problems
+from lpr4m.io import read_json, write_json
+from lpr4m.layout import Dataset
+
+logger = logging.getLogger(__name__)
+
+# Presets: "cpu" is sized for a demo dataset on a laptop (<= 15 min on 2 cores); "gpu" for LPR4M on GPUs.
+PRESETS: dict[str, dict] = {
+    "cpu": dict(model="yolo11n.yaml", epochs=40, imgsz=320, batch=16, device="cpu", workers=2, patience=100,
+                close_mosaic=5, cache="ram"),
+    "gpu": dict(model="yolo11s.yaml", epochs=60, imgsz=640, batch=64, device="0", workers=8, patience=20,
+                close_mosaic=10, cache=False),
+    "tiny": dict(model="yolo11n.yaml", epochs=2, imgsz=128, batch=8, device="cpu", workers=0, patience=100,
+                 close_mosaic=0, cache=False),
+}
+KNOBS = ("model", "epochs", "imgsz", "batch", "device", "workers", "patience", "close_mosaic", "cache")
+LOG_EVERY = 20  # batches between training log lines
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python detector/train.py", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = p.add_argument_group("data")
+    d.add_argument("--data", help="LPR4M dataset root (boxed training clips + test_frameid2gtbox for validation)")
+    d.add_argument("--cache-dir", help="where the YOLO dataset view is cached (default $LPR_CACHE_DIR or "
+                                       "~/.cache/lpr/detector-data)")
+    d.add_argument("--rebuild-cache", action="store_true", help="rebuild the dataset view even if cached")
+    d.add_argument("--strict", action="store_true", help="stop at the first bad row or missing frame")
+    m = p.add_argument_group("model and schedule (flags override the preset)")
+    m.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    m.add_argument("--model", help="model YAML (yolo11n.yaml), our .safetensors, or an ultralytics .pt to fine-tune")
+    m.add_argument("--trust-pickle", action="store_true",
+                   help="allow unpickling a --model .pt that the restricted loader refuses (runs code in the file!)")
+    m.add_argument("--epochs", type=int)
+    m.add_argument("--imgsz", type=int)
+    m.add_argument("--batch", type=int)
+    m.add_argument("--device", help="cpu, 0, or 0,1,2,3 for multi-GPU (ultralytics DDP)")
+    m.add_argument("--workers", type=int)
+    m.add_argument("--patience", type=int)
+    m.add_argument("--seed", type=int, default=0)
+    o = p.add_argument_group("output")
+    o.add_argument("--name", default="yolo", help="run name suffix (folder: <runs-dir>/<timestamp>-<name>)")
+    o.add_argument("--runs-dir", default="runs/detector")
+    o.add_argument("--resume", nargs="?", const="latest", metavar="RUN_DIR",
+                   help="continue an interrupted run (default: the latest run in --runs-dir)")
+    o.add_argument("--out", help="write the JSON result here instead of stdout")
+    o.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def resolve_knobs(args: argparse.Namespace) -> dict:
+    knobs = dict(PRESETS[args.preset])
+    for k in KNOBS:
+        v = getattr(args, k, None)
+        if v is not None:
+            knobs[k] = v
+    knobs["device"] = str(knobs["device"])
+    return knobs
+
+
+def _new_run_dir(runs_dir: Path, name: str) -> Path:
+    from lpr4m.ids import check_safe_name
+    check_safe_name(name, "run name")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for i in range(100):
+        run = runs_dir / (f"{stamp}-{name}" if i == 0 else f"{stamp}-{name}-{i}")
+        try:
+            run.mkdir(parents=True, exist_ok=False)
+            return run
+        except FileExistsError:
+            continue
+    raise BadInput(runs_dir, "could not create a new run folder")
+
+
+def _latest_run(runs_dir: Path) -> Path:
+    runs = sorted((p for p in runs_dir.glob("*/weights/last.pt")), key=lambda p: p.stat().st_mtime)
+    if not runs:
+        raise BadInput(runs_dir, "no run with weights/last.pt to resume")
+    return runs[-1].parent.parent
+
+
+def _start_weights(model: str, run_dir: Path, trust_pickle: bool) -> str:
+    """What ultralytics should build from: a YAML name/path as is; our or a user's weights re-saved as a checkpoint
+    in the run folder (so DDP workers and resumes load it with the restricted loader)."""
+    from detector import yolo
+    from detector.infer import load_torch_model
+    path = Path(model)
+    if path.suffix in (".yaml", ".yml") or (not path.suffix and not path.exists()):
+        yolo.model_yaml(model)  # validates the name now, with a clear error
+        return model
+    if path.suffix not in (".safetensors", ".pt"):
+        raise BadInput(path, "--model must be a model YAML, our .safetensors weights or an ultralytics .pt")
+    net, _ = load_torch_model(path, trust_pickle=trust_pickle)
+    start = run_dir / "init" / "start.pt"
+    yolo.save_ultralytics_checkpoint(net, start)
+    return str(start)
+
+
+def _callbacks(run_dir_holder: dict, extra: dict | None) -> dict[str, list[Callable]]:
+    from detector import yolo
+    state = {"t": time.time(), "seen": 0}
+
+    def on_pretrain_routine_start(trainer):
+        run_dir_holder["dir"] = Path(trainer.save_dir)
+
+    def on_train_batch_end(trainer):
+        bs = trainer.batch_size
+        state["seen"] += bs
+        n = getattr(trainer, "_lpr_batch", 0) + 1
+        trainer._lpr_batch = n
+        if n % LOG_EVERY == 0:
+            dt = time.time() - state["t"]
+            lr = trainer.optimizer.param_groups[0]["lr"] if trainer.optimizer else float("nan")
+            loss = _total(trainer.tloss)
+            logger.info("train: epoch %d step %d  loss %.4g  lr %.3g  %.1f img/s", trainer.epoch + 1, n, loss, lr,
+                        state["seen"] / max(dt, 1e-9))
+
+    def on_model_save(trainer):
+        for f in (trainer.last, trainer.best):
+            if Path(f).is_file():
+                yolo.record_trusted(f)
+
+    def on_fit_epoch_end(trainer):
+        m = trainer.metrics or {}
+        logger.info("epoch %d/%d  mAP50 %.4f  mAP50-95 %.4f", trainer.epoch + 1, trainer.epochs,
+                    m.get("metrics/mAP50(B)", float("nan")), m.get("metrics/mAP50-95(B)", float("nan")))
+
+    cbs = {"on_pretrain_routine_start": [on_pretrain_routine_start], "on_train_batch_end": [on_train_batch_end],
+           "on_model_save": [on_model_save], "on_fit_epoch_end": [on_fit_epoch_end]}
+    for event, fns in (extra or {}).items():
+        cbs.setdefault(event, []).extend(fns)
+    return cbs
+
+
+def _total(loss) -> float:
+    """Sum of ultralytics' running loss items (a tensor, or a dict of them in recent versions)."""
+    if loss is None:
+        return float("nan")
+    if isinstance(loss, dict):
+        return float(sum(float(v.sum()) if hasattr(v, "sum") else float(v) for v in loss.values()))
+    return float(loss.sum())
+
+
+def publish_run(run_dir: Path, made_by: str, imgsz: int) -> dict:
+    """Convert the run's best (else last) checkpoint to ``weights/detector.safetensors`` + ``detector.json``."""
+    from safetensors.torch import save_file
+
+    from detector import yolo
+    from detector.config import DetectorConfig
+    from lpr4m.io import atomic_path
+    ckpt = run_dir / "weights" / "best.pt"
+    if not ckpt.is_file():
+        ckpt = run_dir / "weights" / "last.pt"
+    model = yolo.load_ultralytics_checkpoint(ckpt)
+    out = run_dir / "weights" / "detector.safetensors"
+    with atomic_path(out) as tmp:
+        save_file(yolo.state_dict_for_saving(model), str(tmp), metadata={"format": "pt", "kind": "lpr-detector"})
+    names = model.names if isinstance(model.names, dict) else dict(enumerate(model.names))
+    metrics = _final_metrics(run_dir)
+    cfg = DetectorConfig(model=str(model.yaml.get("yaml_file", "")), model_yaml=yolo.model_yaml(model.yaml,
+                         len(names)), nc=len(names), names=[names[i] for i in sorted(names)], imgsz=int(imgsz),
+                         stride=int(max(model.stride)), sha256=yolo.sha256_file(out), made_by=made_by,
+                         source=str(run_dir), metrics=metrics, ultralytics_version=yolo.version())
+    cfg.save(out.with_suffix(".json"))
+    write_json(run_dir / "metrics.json", metrics)
+    return {"weights": str(out), "config": str(out.with_suffix(".json")), "metrics": metrics}
+
+
+def _final_metrics(run_dir: Path) -> dict:
+    """The last row of ultralytics' results.csv (per-epoch metrics), as numbers."""
+    import csv
+    path = run_dir / "results.csv"
+    if not path.is_file():
+        return {}
+    with open(path, encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return {}
+    out = {}
+    for k, v in rows[-1].items():
+        try:
+            out[k.strip()] = float(v)
+        except (TypeError, ValueError):
+            pass
+    out["epochs_done"] = len(rows)
+    return out
+
+
+def train(args: argparse.Namespace, callbacks: dict | None = None) -> dict:
+    """The work behind ``main``; ``callbacks`` (ultralytics events -> fns) let tests interrupt a run."""
+    from detector import yolo
+    from detector.dataset import build_yolo_dataset
+    made_by = "python detector/train.py " + " ".join(shlex.quote(a) for a in (args.argv or []))
+    knobs = resolve_knobs(args)
+    runs_dir = Path(args.runs_dir)
+    holder: dict = {}
+    t0 = time.time()
+    if args.resume:
+        run_dir = _latest_run(runs_dir) if args.resume == "latest" else Path(args.resume)
+        last = run_dir / "weights" / "last.pt"
+        if not last.is_file():
+            raise BadInput(run_dir, "not a resumable run (weights/last.pt missing)")
+        overrides = {k: knobs[k] for k in ("device", "batch", "workers") if getattr(args, k, None) is not None}
+        config = read_json(run_dir / "config.json", expect=dict) if (run_dir / "config.json").is_file() else {}
+        logger.info("resuming %s", run_dir)
+        try:
+            yolo.train("", Path(), runs_dir, run_dir.name, overrides, _callbacks(holder, callbacks), resume=last)
+        except AssertionError as e:  # ultralytics: "training to N epochs is finished, nothing to resume"
+            raise BadInput(last, f"cannot resume: {e}") from None
+        imgsz = config.get("knobs", {}).get("imgsz", knobs["imgsz"])
+        data_info = config.get("dataset", {})
+    else:
+        if not args.data:
+            raise BadInput(None, "--data ROOT is required (or --resume RUN_DIR)")
+        ds = Dataset(args.data)
+        problems = Problems(strict=args.strict)
+        data = build_yolo_dataset(ds, args.cache_dir, workers=knobs["workers"] or None, problems=problems,
+                                  rebuild=args.rebuild_cache)
+        run_dir = _new_run_dir(runs_dir, args.name)
+        start = _start_weights(knobs["model"], run_dir, args.trust_pickle)
+        cpu = knobs["device"] == "cpu"
+        overrides = dict(epochs=knobs["epochs"], imgsz=knobs["imgsz"], batch=knobs["batch"], device=knobs["device"],
+                         workers=knobs["workers"], patience=knobs["patience"], close_mosaic=knobs["close_mosaic"],
+                         cache=knobs["cache"], seed=args.seed, amp=not cpu, deterministic=False, plots=False)
+        data_info = {"root": str(ds.root.resolve()), "cache": str(data.root), "train": data.manifest["train"],
+                     "val": data.manifest["val"], "problems": data.manifest["problems"]}
+        write_json(run_dir / "config.json", {"knobs": knobs, "start_weights": start, "preset": args.preset,
+                                             "ultralytics_overrides": overrides, "dataset": data_info,
+                                             "made_by": made_by, "seed": args.seed})
+        yolo.train(start, data.yaml, runs_dir, run_dir.name, dict(overrides, exist_ok=True),
+                   _callbacks(holder, callbacks))
+        imgsz = knobs["imgsz"]
+    published = publish_run(run_dir, made_by, imgsz)
+    return {"run_dir": str(run_dir), **published, "dataset": data_info, "wall_s": round(time.time() - t0, 1)}
+
+
+def main(argv: Sequence[str] | None = None, callbacks: dict | None = None) -> int:
+    """Train the detector; prints a JSON summary (run folder, weights, metrics)."""
+    args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    setup_logging(args.verbose)
+    result = train(args, callbacks)
+    emit_json(result, args.out)
+    return 0

@@ -1,0 +1,295 @@
+"""The one adapter to ultralytics (AGPL-3.0): nothing else in the project imports it.
+
+Why an adapter: ultralytics reads environment variables and a per-user settings file at import time, pip-installs
+missing packages, downloads fonts and ``yolo26n.pt`` (AMP check) and unpickles ``.pt`` files. Here it runs fully
+offline from a project-owned config dir, never auto-installs, and loads checkpoints only through its restricted
+``weights_only=True`` path (``ULTRALYTICS_SAFE_LOAD``). The rest of the project sees plain ``nn.Module``s, our
+safetensors format and the neutral ``detector.Detector`` API, so a permissively licensed detector stays swappable.
+Licence note: distributing or serving a system that includes ultralytics brings AGPL-3.0 obligations (or needs an
+Ultralytics Enterprise licence).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from lpr4m.errors import BadInput
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+_READY = False
+
+
+def cache_root() -> Path:
+    """Where the project keeps generated state (dataset caches, ultralytics config): ``$LPR_CACHE_DIR`` or
+    ``~/.cache/lpr``."""
+    return Path(os.environ.get("LPR_CACHE_DIR") or Path.home() / ".cache" / "lpr").expanduser()
+
+
+def _find_font() -> Path | None:
+    try:
+        import matplotlib
+        ttf = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+        return ttf if ttf.is_file() else None
+    except ImportError:  # pragma: no cover - matplotlib is an ultralytics dependency
+        return None
+
+
+def _prepare_environment() -> Path:
+    """Set the variables ultralytics reads at import time and stock its config dir with fonts (no downloads)."""
+    config_dir = cache_root() / "ultralytics-config"
+    user_dir = config_dir / "Ultralytics"  # ultralytics appends this sub dir to YOLO_CONFIG_DIR
+    user_dir.mkdir(parents=True, exist_ok=True)
+    os.environ["YOLO_CONFIG_DIR"] = str(config_dir)
+    os.environ["YOLO_OFFLINE"] = "1"  # is_online() -> False without a DNS probe
+    os.environ["YOLO_AUTOINSTALL"] = "false"  # env_bool: never pip/apt install at runtime
+    os.environ["ULTRALYTICS_SAFE_LOAD"] = "1"  # checkpoints load with weights_only=True + known-class allow-list
+    os.environ["ULTRALYTICS_SKIP_REQUIREMENTS_CHECKS"] = "1"
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations' own update check phones home
+    os.environ.setdefault("YOLO_VERBOSE", "True")
+    font = _find_font()
+    if font is not None:
+        for name in ("Arial.ttf", "Arial.Unicode.ttf"):  # check_font() looks here first, then downloads
+            target = user_dir / name
+            if not target.exists():
+                with contextlib.suppress(OSError):
+                    shutil.copyfile(font, target)
+    return config_dir
+
+
+def ul():
+    """Import ultralytics after making it offline and project-local; returns the ``ultralytics`` module."""
+    global _READY
+    if not _READY:
+        _prepare_environment()
+        import ultralytics
+        from ultralytics.utils import SETTINGS
+        wanted = {"datasets_dir": str(cache_root() / "detector-data"), "runs_dir": str(REPO_ROOT / "runs"),
+                  "weights_dir": str(cache_root() / "ultralytics-weights"), "sync": False, "clearml": False,
+                  "comet": False, "dvc": False, "mlflow": False, "raytune": False, "tensorboard": False,
+                  "wandb": False, "vscode_msg": False, "openvino_msg": False}
+        if any(SETTINGS.get(k) != v for k, v in wanted.items()):
+            SETTINGS.update(wanted)
+        _READY = True
+        return ultralytics
+    import ultralytics
+    return ultralytics
+
+
+def version() -> str:
+    return ul().__version__
+
+
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# -- models -----------------------------------------------------------------------------------------------------
+def model_yaml(name_or_dict: str | dict, nc: int = 1) -> dict:
+    """The full model description (dict) for a YAML name such as ``yolo11n.yaml`` or a YAML path."""
+    ul()
+    if isinstance(name_or_dict, dict):
+        d = dict(name_or_dict)
+    else:
+        from ultralytics.nn.tasks import yaml_model_load
+        try:
+            d = yaml_model_load(str(name_or_dict))
+        except (FileNotFoundError, OSError) as e:
+            raise BadInput(name_or_dict, f"unknown model YAML ({e.__class__.__name__}); expected e.g. yolo11n.yaml"
+                           ) from None
+    d["nc"] = nc
+    d.pop("yaml_file", None)
+    return d
+
+
+def build_model(yaml: dict, nc: int = 1, names: list[str] | None = None):
+    """An untrained ``DetectionModel`` from a model description (no weights, no downloads)."""
+    ul()
+    from ultralytics.nn.tasks import DetectionModel
+    model = DetectionModel(dict(yaml), ch=3, nc=nc, verbose=False)
+    model.names = {i: n for i, n in enumerate(names or ["product"])}
+    return model
+
+
+def state_dict_for_saving(model, half: bool = True) -> dict:
+    """A plain tensor dict (fp16 floats keep the default weights small; ints such as BN counters stay exact)."""
+    import torch
+    out = {}
+    for k, v in model.state_dict().items():
+        v = v.detach().to("cpu").contiguous().clone()
+        if half and v.is_floating_point():
+            v = v.half()
+        out[k] = v
+    return out
+
+
+def load_state(model, state: dict, path) -> None:
+    import torch
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    bad_shape = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or bad_shape:
+        raise BadInput(path, f"weights do not fit the model in its config ({len(missing)} missing, "
+                             f"{len(unexpected)} unexpected, {len(bad_shape)} mis-shaped tensors; "
+                             f"e.g. {(missing + unexpected + bad_shape)[:2]})")
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
+    model.float()
+    del torch
+
+
+def inference_model(model):
+    """Fused, eval-mode, fp32 model whose forward returns the raw head output ``(B, 4 + nc, anchors)``."""
+    import torch
+
+    class _Raw(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            y = self.m(x)
+            return y[0] if isinstance(y, (tuple, list)) else y
+
+    model = model.float().eval()
+    with contextlib.suppress(Exception):
+        model = model.fuse(verbose=False)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    head = model.model[-1]
+    if getattr(head, "end2end", False):
+        raise BadInput(None, "end-to-end (NMS-free) heads are not supported; use a yolov8/yolo11 model YAML")
+    return _Raw(model).eval()
+
+
+def load_ultralytics_checkpoint(path, trust_pickle: bool = False):
+    """A ``DetectionModel`` from an ultralytics ``.pt`` checkpoint.
+
+    First tries ultralytics' restricted ``weights_only=True`` load (known torch/ultralytics classes only). A file
+    that needs full unpickling is refused unless the user trusts it: ``--trust-pickle``, or its sha256 recorded in
+    ``trusted.json`` beside it (``{"file.pt": "<sha256>"}``), as our training runs write for their own checkpoints.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(path, "weights file not found")
+    _check_zip(path)
+    ul()
+    from ultralytics.nn.tasks import load_checkpoint
+    try:
+        model, _ = load_checkpoint(str(path))
+    except Exception as safe_err:  # noqa: BLE001 - any refusal of the restricted loader
+        if not (trust_pickle or is_trusted(path)):
+            raise BadInput(path, "this .pt checkpoint needs full unpickling, which can run arbitrary code; refused "
+                                 f"({type(safe_err).__name__}). If you trust its source, pass --trust-pickle or "
+                                 f"record its sha256 in {path.parent / 'trusted.json'}") from None
+        logger.warning("unpickling %s (trusted by %s)", path, "--trust-pickle" if trust_pickle else "trusted.json")
+        from ultralytics.nn import tasks
+        try:
+            with _unsafe_loading(tasks):
+                model, _ = load_checkpoint(str(path))
+        except Exception as e:  # noqa: BLE001
+            raise BadInput(path, f"not an ultralytics checkpoint ({type(e).__name__}: {str(e)[:120]})") from None
+    from ultralytics.nn.tasks import DetectionModel
+    if not isinstance(model, DetectionModel) or type(model).__name__ != "DetectionModel":
+        raise BadInput(path, f"expected an ultralytics detection checkpoint, got a {type(model).__name__}")
+    return model.float()
+
+
+@contextlib.contextmanager
+def _unsafe_loading(tasks):
+    old = tasks.SAFE_LOAD
+    tasks.SAFE_LOAD = False
+    try:
+        yield
+    finally:
+        tasks.SAFE_LOAD = old
+
+
+def _check_zip(path: Path) -> None:
+    import zipfile
+    if not zipfile.is_zipfile(path):
+        raise BadInput(path, "not a PyTorch checkpoint (expected a torch.save zip archive, e.g. an ultralytics .pt)")
+
+
+def is_trusted(path) -> bool:
+    path = Path(path)
+    trusted = path.parent / "trusted.json"
+    if not trusted.is_file():
+        return False
+    from lpr4m.io import read_json
+    try:
+        table = read_json(trusted, expect=dict)
+    except BadInput:
+        return False
+    return table.get(path.name) == sha256_file(path)
+
+
+def record_trusted(path) -> None:
+    """Record the sha256 of a checkpoint we wrote ourselves, so resuming it may unpickle it."""
+    from lpr4m.io import read_json, write_json
+    path = Path(path)
+    trusted = path.parent / "trusted.json"
+    table = read_json(trusted, expect=dict) if trusted.is_file() else {}
+    table[path.name] = sha256_file(path)
+    write_json(trusted, table)
+
+
+def save_ultralytics_checkpoint(model, path) -> None:
+    """Write a model as an ultralytics checkpoint (model only), the form its trainer loads as starting weights."""
+    import copy
+    import torch
+    from lpr4m.io import atomic_path
+    ckpt = {"model": copy.deepcopy(model).float(), "train_args": {}, "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "version": version()}
+    with atomic_path(path) as tmp:
+        torch.save(ckpt, tmp)
+    record_trusted(path)
+
+
+# -- training and validation ----------------------------------------------------------------------------------
+def train(model: str, data_yaml: Path, project: Path, name: str, overrides: dict[str, Any],
+          callbacks: dict[str, list[Callable]] | None = None, resume: Path | None = None) -> Path:
+    """Run ultralytics' trainer; returns the run folder (weights/last.pt, best.pt, args.yaml, results.csv)."""
+    ul()
+    from ultralytics import YOLO
+    if resume is not None:
+        yolo = YOLO(str(resume), task="detect")
+        args = {"resume": True}
+        args.update({k: v for k, v in overrides.items() if k in ("device", "batch", "workers")})
+    else:
+        yolo = YOLO(model, task="detect")
+        args = {"plots": False, "exist_ok": False, **overrides, "data": str(data_yaml), "project": str(project), "name": name}
+    for event, fns in (callbacks or {}).items():
+        for fn in fns:
+            yolo.add_callback(event, fn)
+    yolo.train(**args)
+    return Path(yolo.trainer.save_dir)
+
+
+def ultralytics_val(model, data_yaml: Path, imgsz: int, batch: int = 8, device: str = "cpu",
+                    conf: float = 0.001, iou: float = 0.7) -> dict[str, float]:
+    """Ultralytics' own validation on the ``val`` split (rect=False) -- the independent reference for our AP."""
+    ul()
+    from ultralytics.models.yolo.detect import DetectionValidator
+    args = dict(data=str(data_yaml), imgsz=imgsz, batch=batch, device=device, conf=conf, iou=iou, rect=False,
+                plots=False, save_json=False, verbose=False, workers=0, split="val", half=False)
+    validator = DetectionValidator(args=args)
+    metrics = validator(model=model)
+    return {"ap": float(metrics["metrics/mAP50-95(B)"]), "ap50": float(metrics["metrics/mAP50(B)"])}
+
+
+def trainer_model(trainer):
+    """The model a trainer callback should treat as current (EMA when present)."""
+    ema = getattr(trainer, "ema", None)
+    return ema.ema if ema is not None and getattr(ema, "ema", None) is not None else trainer.model

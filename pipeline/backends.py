@@ -1,0 +1,86 @@
+"""Which weights files a backend uses, and loading them with a useful message when one is missing.
+
+``--backend torch|onnx|tensorrt`` maps to a suffix (as ultralytics' AutoBackend does); the detector and the
+retriever loaders then pick the runtime from that suffix. A missing export names the command that makes it.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from lpr4m.errors import BadInput
+
+logger = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[1]
+WEIGHTS_DIR = REPO / "weights"
+DEMO_DIR = REPO / "demo"
+BACKENDS = ("torch", "onnx", "tensorrt")
+SUFFIXES = {
+    "detector": {"torch": (".safetensors", ".pt"), "onnx": (".onnx",), "tensorrt": (".engine",)},
+    "retriever": {"torch": (".safetensors",), "onnx": (".onnx",), "tensorrt": (".engine",)},
+}
+EXPORT_FORMAT = {"onnx": "onnx", "tensorrt": "engine"}
+
+
+def default_weights(stage: str, backend: str = "torch", weights_dir: Path = WEIGHTS_DIR) -> Path:
+    """``weights/<stage>.<suffix>`` for the backend; a missing export is a BadInput naming the export command."""
+    if backend not in BACKENDS:
+        raise BadInput(None, f"unknown --backend {backend!r} (expected one of {', '.join(BACKENDS)})")
+    candidates = [weights_dir / f"{stage}{s}" for s in SUFFIXES[stage][backend]]
+    for c in candidates:
+        if c.is_file():
+            return c
+    if backend == "torch":
+        hint = f"train it with: python {stage}/train.py --data ROOT (see weights/README.md)"
+    else:
+        src = next((weights_dir / f"{stage}{s}" for s in SUFFIXES[stage]["torch"]
+                    if (weights_dir / f"{stage}{s}").is_file()), weights_dir / f"{stage}{SUFFIXES[stage]['torch'][0]}")
+        hint = (f"export it with: python {stage}/export.py --weights {_rel(src)} --format {EXPORT_FORMAT[backend]}")
+    raise BadInput(candidates[0], f"{backend} weights for the {stage} not found; {hint}")
+
+
+def _rel(p: Path) -> str:
+    try:
+        return str(Path(p).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(p)
+
+
+def resolve_device(device: str, backend: str) -> str:
+    """``auto`` -> ``cuda`` when the backend can use a GPU here, else ``cpu``."""
+    if device != "auto":
+        return device
+    if backend == "tensorrt":
+        return "cuda"
+    if backend == "onnx":
+        import onnxruntime as ort
+        return "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_embedder(weights=None, backend: str = "torch", device: str = "cpu"):
+    """The retriever's embedder (its ``load_embedder``) for explicit weights or the bundled default."""
+    from retriever.embedder import load_embedder as _load
+    path = Path(weights) if weights else default_weights("retriever", backend)
+    if not path.is_file():
+        raise BadInput(path, "embedder weights not found")
+    emb = _load(path, device=device)
+    logger.info("embedder %s (%s)", path.name, getattr(emb, "fingerprint", "?"))
+    return emb
+
+
+def load_detector(weights=None, backend: str = "torch", device: str = "cpu", conf: float = 0.25,
+                  imgsz: int | None = None):
+    """The detector package's ``load_detector`` for explicit weights or the bundled default."""
+    try:
+        from detector import load_detector as _load
+    except ImportError:
+        from detector.infer import load_detector as _load
+    path = Path(weights) if weights else default_weights("detector", backend)
+    if not path.is_file():
+        raise BadInput(path, "detector weights not found")
+    det = _load(path, device=device, conf=conf, imgsz=imgsz)
+    logger.info("detector %s", path.name)
+    return det

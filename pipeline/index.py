@@ -1,0 +1,92 @@
+"""``python pipeline/index.py --gallery DIR_OR_ROOT --out INDEX``: shop images -> a faiss index folder + meta.
+
+``--add DIR`` appends shop images to an existing ``--out`` index and ``--remove ID ...`` drops image ids (or
+``<image_id>-<view>``) without re-embedding the rest. The index refuses an embedder other than its own.
+Prints a JSON summary (or writes it to ``--summary FILE``).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from lpr4m.cli import emit_json, run_main, setup_logging
+from lpr4m.errors import BadInput, Problems
+
+logger = logging.getLogger("pipeline.index")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pipeline.backends import BACKENDS
+    from pipeline.gallery import INDEX_TYPES
+    p = argparse.ArgumentParser(prog="python pipeline/index.py", description=__doc__.split("\n")[0].strip("`"),
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--gallery", help="folder of shop images, or an LPR4M root (its gallery/ or training images)")
+    p.add_argument("--out", required=True, help="index folder to write (or to update with --add/--remove)")
+    p.add_argument("--add", metavar="DIR", help="append the shop images of DIR to the existing --out index")
+    p.add_argument("--remove", nargs="+", metavar="ID", help="drop these image ids from the existing --out index")
+    p.add_argument("--split", choices=("test", "training", "all"), default="test",
+                   help="for an LPR4M root: test galleries, training images, or both")
+    p.add_argument("--live", nargs="+", help="only these live ids' galleries")
+    p.add_argument("--main-only", action="store_true", help="only each product's main image (view 0)")
+    p.add_argument("--index-type", choices=INDEX_TYPES, default="flat",
+                   help="flat = exact; ivfpq / hnsw for large catalogues")
+    p.add_argument("--nlist", type=int, default=None, help="IVF lists (default ~4 sqrt(N))")
+    p.add_argument("--weights", help="embedder weights (default weights/retriever.<backend suffix>)")
+    p.add_argument("--backend", choices=BACKENDS, default="torch")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--strict", action="store_true", help="an unreadable shop image is fatal")
+    p.add_argument("--summary", metavar="FILE", help="write the JSON summary here instead of stdout")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    from pipeline import backends
+    from pipeline.gallery import GalleryIndex, collect
+
+    modes = [bool(args.gallery), bool(args.add), bool(args.remove)]
+    if sum(modes) != 1:
+        raise BadInput(None, "give exactly one of --gallery (build), --add DIR or --remove ID ...")
+    problems = Problems(strict=args.strict)
+    out = Path(args.out)
+    if args.remove:
+        gi = GalleryIndex.load(out)
+        n, unknown = gi.remove(args.remove)
+        if unknown:
+            logger.warning("not in the index: %s", ", ".join(unknown))
+        if n == 0:
+            raise BadInput(out, f"none of the ids to remove are in the index ({', '.join(unknown[:5])})")
+        gi.save(out)
+        emit_json({"removed": n, "unknown": unknown, **gi.summary()}, args.summary)
+        return 0
+
+    device = backends.resolve_device(args.device, args.backend)
+    embedder = backends.load_embedder(args.weights, args.backend, device)
+    src = args.gallery or args.add
+    root, items = collect(src, args.split, args.live, args.main_only)
+    if args.add:
+        gi = GalleryIndex.load(out, embedder)  # refuses another embedder
+        n = gi.add(embedder, root, items, problems, batch_size=args.batch)
+        gi.save(out)
+        result = {"added": n, **gi.summary()}
+    else:
+        gi = GalleryIndex.build(embedder, root, items, args.index_type, problems, batch_size=args.batch,
+                                nlist=args.nlist, source={"gallery": str(root), "split": args.split,
+                                                          "live": args.live, "main_only": args.main_only})
+        gi.save(out)
+        result = {"built": gi.ntotal, **gi.summary()}
+    if problems.total:
+        logger.warning("skipped %d unreadable shop image(s):\n  %s", problems.total, "\n  ".join(problems.messages))
+    result["problems"] = problems.as_dict()
+    emit_json(result, args.summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

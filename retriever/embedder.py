@@ -1,0 +1,206 @@
+"""``load_embedder(weights)``: an Embedder whose backend (PyTorch, ONNX Runtime, TensorRT) follows the suffix.
+
+Every backend reads preprocessing from the config JSON beside the weights, so a model trained at 224 px
+letterboxed is never fed 256 px squashed by accident.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from lpr4m.errors import BadInput
+from retriever.config import EmbedderConfig, config_path_for, sha256_file
+from retriever.preprocess import to_batch
+
+logger = logging.getLogger(__name__)
+
+SUFFIXES = (".safetensors", ".onnx", ".engine")
+
+
+# -- checkpoints ---------------------------------------------------------------------------------------------
+def save_checkpoint(model, config: EmbedderConfig, path) -> EmbedderConfig:
+    """Write ``path`` (.safetensors state dict) and its config JSON (with the file's sha256)."""
+    from safetensors.torch import save_file
+    from lpr4m.io import atomic_path
+    path = Path(path)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"backbone": config.backbone, "embed_dim": str(config.embed_dim)})
+    config.sha256 = sha256_file(path)
+    config.format = "safetensors"
+    config.save(config_path_for(path))
+    return config
+
+
+def read_config(weights, verify: bool = True) -> EmbedderConfig:
+    weights = Path(weights)
+    if not weights.is_file():
+        raise BadInput(weights, "weights file not found")
+    cfg_path = config_path_for(weights)
+    if not cfg_path.is_file():
+        raise BadInput(cfg_path, f"config JSON for {weights.name} not found (expected next to the weights)")
+    config = EmbedderConfig.load(cfg_path)
+    if verify and config.sha256 and sha256_file(weights) != config.sha256:
+        raise BadInput(weights, f"sha256 differs from the one recorded in {cfg_path.name}: weights and config "
+                                f"do not belong together")
+    return config
+
+
+def build_model(config: EmbedderConfig, weights=None, pretrained: bool = False):
+    """The torch EmbeddingModel for ``config``, with the weights of a .safetensors file when given."""
+    from retriever.models import create_embedder
+    model, _ = create_embedder(config.backbone, pretrained=pretrained, embed_dim=config.embed_dim,
+                               pool_hidden=config.pool_hidden)
+    if weights is not None:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            state = load_file(str(weights))
+        except (SafetensorError, OSError) as e:
+            raise BadInput(weights, f"not a readable safetensors file ({e})") from None
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise BadInput(weights, f"weights do not fit backbone {config.backbone!r}: "
+                                    f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return model.eval()
+
+
+# -- backends --------------------------------------------------------------------------------------------------
+class TorchBackend:
+    def __init__(self, model, device: str = "cpu"):
+        import torch
+        self.torch = torch
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        with self.torch.inference_mode():
+            return self.model(self.torch.from_numpy(batch).to(self.device)).float().cpu().numpy()
+
+
+class OnnxBackend:
+    def __init__(self, path, device: str = "cpu"):
+        import onnxruntime as ort
+        available = ort.get_available_providers()
+        wanted = ["CPUExecutionProvider"]
+        if device.startswith("cuda"):
+            wanted = ["TensorrtExecutionProvider", "CUDAExecutionProvider"] + wanted
+        providers = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(path), so, providers=providers)
+        except Exception as e:  # onnxruntime raises its own exception types for corrupt models
+            raise BadInput(path, f"ONNX Runtime cannot load this model ({type(e).__name__}: {str(e)[:200]})") \
+                from None
+        self.input_name = self.session.get_inputs()[0].name
+        self.providers = self.session.get_providers()
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: batch})[0]
+
+
+class TensorRTBackend:
+    """A serialized TensorRT engine (built by ``retriever/export.py --format engine`` on the target GPU)."""
+
+    def __init__(self, path, device: str = "cuda:0"):
+        try:
+            import tensorrt as trt
+            import torch
+        except ImportError:
+            raise BadInput(path, "TensorRT engines need the tensorrt package: pip install '.[gpu]'") from None
+        if not torch.cuda.is_available():
+            raise BadInput(path, "TensorRT engines need an NVIDIA GPU (torch.cuda.is_available() is False)")
+        self.torch, self.trt = torch, trt
+        self.device = torch.device(device if device.startswith("cuda") else "cuda:0")
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        engine = runtime.deserialize_cuda_engine(Path(path).read_bytes())
+        if engine is None:
+            raise BadInput(path, "TensorRT could not deserialize this engine (built for another GPU or TensorRT?)")
+        self.engine = engine
+        self.context = engine.create_execution_context()
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        self.input_name = next(n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
+        self.output_name = next(n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
+        profile_shapes = engine.get_tensor_profile_shape(self.input_name, 0)
+        self.max_batch = int(profile_shapes[2][0])
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        torch = self.torch
+        outs = []
+        stream = torch.cuda.current_stream(self.device)
+        for i in range(0, len(batch), self.max_batch):
+            x = torch.from_numpy(np.ascontiguousarray(batch[i:i + self.max_batch])).to(self.device)
+            self.context.set_input_shape(self.input_name, tuple(x.shape))
+            shape = tuple(self.context.get_tensor_shape(self.output_name))
+            y = torch.empty(shape, dtype=torch.float32, device=self.device)
+            self.context.set_tensor_address(self.input_name, x.data_ptr())
+            self.context.set_tensor_address(self.output_name, y.data_ptr())
+            if not self.context.execute_async_v3(stream.cuda_stream):
+                raise RuntimeError("TensorRT execution failed")
+            stream.synchronize()
+            outs.append(y.cpu().numpy())
+        return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
+
+
+# -- the public object -----------------------------------------------------------------------------------------
+class Embedder:
+    """Images -> L2-normalised embeddings, with the preprocessing of its config."""
+
+    def __init__(self, backend, config: EmbedderConfig, weights_path=None, pool_params: dict | None = None):
+        self.backend = backend
+        self.config = config
+        self.weights_path = None if weights_path is None else Path(weights_path)
+        self._pool = pool_params  # numpy copies of the QualityPool head, for "attention" aggregation
+
+    @property
+    def fingerprint(self) -> str:
+        return self.config.fingerprint
+
+    @property
+    def dim(self) -> int:
+        return self.config.embed_dim
+
+    def embed(self, images, batch_size: int = 32) -> np.ndarray:
+        """(N, D) float32, rows L2-normalised."""
+        images = list(images)
+        out = np.zeros((len(images), self.config.embed_dim), np.float32)
+        for i in range(0, len(images), batch_size):
+            y = np.asarray(self.backend(to_batch(images[i:i + batch_size], self.config)), np.float32)
+            out[i:i + len(y)] = y
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        return out / np.maximum(norms, 1e-12)
+
+    def quality(self, embeddings: np.ndarray) -> np.ndarray:
+        """Pooling scores (N,) of frame embeddings (higher = more weight); zeros when the head is absent."""
+        embeddings = np.asarray(embeddings, np.float32)
+        if not self._pool:
+            return np.zeros(len(embeddings), np.float32)
+        p = self._pool
+        h = np.maximum(embeddings @ p["fc1.weight"].T + p["fc1.bias"], 0.0)
+        return (h @ p["fc2.weight"].T + p["fc2.bias"]).reshape(-1).astype(np.float32)
+
+
+def pool_params_from_model(model) -> dict:
+    return {k: v.detach().cpu().float().numpy() for k, v in model.pool.state_dict().items()}
+
+
+def load_embedder(weights, device: str = "cpu", verify: bool = True) -> Embedder:
+    """An Embedder for ``weights`` (.safetensors / .onnx / .engine, with ``<stem>.json`` beside it).
+
+    >>> emb = load_embedder("weights/retriever.safetensors")
+    >>> emb.embed([rgb]).shape            # (1, emb.config.embed_dim)
+    """
+    weights = Path(weights)
+    suffix = weights.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise BadInput(weights, f"unknown weights format {suffix!r}; expected one of {', '.join(SUFFIXES)}")
+    config = read_config(weights, verify=verify)
+    if suffix == ".safetensors":
+        model = build_model(config, weights)
+        return Embedder(TorchBackend(model, device), config, weights, pool_params_from_model(model))
+    pool = {k: np.asarray(v, np.float32) for k, v in (config.extra.get("pool_head") or {}).items()}
+    backend = OnnxBackend(weights, device) if suffix == ".onnx" else TensorRTBackend(weights, device)
+    return Embedder(backend, config, weights, pool or None)
