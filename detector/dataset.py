@@ -55,8 +55,8 @@ class YoloData:
         return self.root / "val.txt"
 
 
-def cache_key(ds: Dataset) -> str:
-    h = hashlib.sha256(f"v{BUILD_VERSION}|{ds.root.resolve()}".encode())
+def cache_key(ds: Dataset, frames_per_clip: int | None = None) -> str:
+    h = hashlib.sha256(f"v{BUILD_VERSION}|{ds.root.resolve()}|{frames_per_clip}".encode())
     for key in ("training_videoinfo", "gtbox"):
         p = ds.annotation(key, required=False)
         if p is not None:
@@ -115,12 +115,21 @@ def _write_chunk(task) -> tuple[list[str], dict]:
     return lines, dict(counts)
 
 
-def _train_items(ds: Dataset, problems: Problems) -> Iterator[tuple[str, str, list]]:
+def spread(items: list, n: int | None) -> list:
+    """``n`` evenly spaced items (first and last included); all of them when ``n`` is None or large enough."""
+    if not n or len(items) <= n:
+        return items
+    if n == 1:
+        return [items[len(items) // 2]]
+    return [items[round(i * (len(items) - 1) / (n - 1))] for i in range(n)]
+
+
+def _train_items(ds: Dataset, problems: Problems, frames_per_clip: int | None) -> Iterator[tuple[str, str, list]]:
     for clip in ds.training_clips(problems):
         if not clip.has_boxes:  # not in the detection subset
             continue
         frame_dir = str(ds.path("training_video", clip.video_id).resolve())
-        yield clip.video_id, frame_dir, list(zip(clip.frame_ids, clip.boxes))
+        yield clip.video_id, frame_dir, spread(list(zip(clip.frame_ids, clip.boxes)), frames_per_clip)
 
 
 def _val_items(ds: Dataset) -> Iterator[tuple[str, str, list]]:
@@ -164,12 +173,13 @@ def _run_split(split: str, items: Iterator, out: Path, workers: int, problems: P
 
 
 def build_yolo_dataset(ds: Dataset, cache_dir=None, workers: int | None = None, problems: Problems | None = None,
-                       rebuild: bool = False) -> YoloData:
+                       rebuild: bool = False, frames_per_clip: int | None = None) -> YoloData:
     """The cached YOLO dataset for ``ds`` (built now if absent); ``train`` = boxed training clips, ``val`` = test
-    frames listed in ``test_frameid2gtbox``."""
+    frames listed in ``test_frameid2gtbox``. ``frames_per_clip`` keeps that many evenly spaced training frames per
+    clip (consecutive frames of a clip are near duplicates; fewer of them make short CPU runs see more clips)."""
     problems = problems or Problems()
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    out = cache_dir / cache_key(ds)
+    out = cache_dir / cache_key(ds, frames_per_clip)
     manifest_path = out / "manifest.json"
     if manifest_path.is_file() and not rebuild:
         manifest = read_json(manifest_path, expect=dict)
@@ -182,7 +192,7 @@ def build_yolo_dataset(ds: Dataset, cache_dir=None, workers: int | None = None, 
     out.mkdir(parents=True)
     workers = max(1, workers if workers is not None else min(8, os.cpu_count() or 1))
     logger.info("building YOLO dataset cache %s from %s (%d workers)", out, ds.root, workers)
-    train = _run_split("train", _train_items(ds, problems), out, workers, problems)
+    train = _run_split("train", _train_items(ds, problems, frames_per_clip), out, workers, problems)
     if ds.annotation("gtbox", required=False) is None:
         raise BadInput(ds.root / "annotations", "missing test_frameid2gtbox*.json (needed for validation boxes)")
     val = _run_split("val", _val_items(ds), out, workers, problems)
@@ -194,7 +204,8 @@ def build_yolo_dataset(ds: Dataset, cache_dir=None, workers: int | None = None, 
     (out / "data.yaml").write_text(json.dumps({"path": str(out.resolve()), "train": "train.txt", "val": "val.txt",
                                                "names": ["product"], "nc": 1}) + "\n", encoding="utf-8")
     manifest = {"dataset": str(ds.root.resolve()), "key": out.name, "train": train, "val": val,
-                "problems": problems.as_dict(), "build_version": BUILD_VERSION}
+                "problems": problems.as_dict(), "build_version": BUILD_VERSION,
+                "frames_per_clip": frames_per_clip}
     write_json(manifest_path, manifest)
     manifest["reused"] = False
     return YoloData(out, out / "data.yaml", manifest)

@@ -23,14 +23,15 @@ logger = logging.getLogger(__name__)
 
 # Presets: "cpu" is sized for a demo dataset on a laptop (<= 15 min on 2 cores); "gpu" for LPR4M on GPUs.
 PRESETS: dict[str, dict] = {
-    "cpu": dict(model="yolo11n.yaml", epochs=40, imgsz=320, batch=16, device="cpu", workers=2, patience=100,
-                close_mosaic=5, cache="ram"),
+    "cpu": dict(model="yolo11n.yaml", epochs=12, imgsz=256, batch=16, device="cpu", workers=2, patience=100,
+                close_mosaic=3, cache="ram", warmup_epochs=1.0, frames_per_clip=3),
     "gpu": dict(model="yolo11s.yaml", epochs=60, imgsz=640, batch=64, device="0", workers=8, patience=20,
-                close_mosaic=10, cache=False),
+                close_mosaic=10, cache=False, warmup_epochs=3.0, frames_per_clip=None),
     "tiny": dict(model="yolo11n.yaml", epochs=2, imgsz=128, batch=8, device="cpu", workers=0, patience=100,
-                 close_mosaic=0, cache=False),
+                 close_mosaic=0, cache=False, warmup_epochs=0.0, frames_per_clip=None),
 }
-KNOBS = ("model", "epochs", "imgsz", "batch", "device", "workers", "patience", "close_mosaic", "cache")
+KNOBS = ("model", "epochs", "imgsz", "batch", "device", "workers", "patience", "close_mosaic", "cache", "warmup_epochs",
+         "frames_per_clip")
 LOG_EVERY = 20  # batches between training log lines
 
 
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--cache-dir", help="where the YOLO dataset view is cached (default $LPR_CACHE_DIR or "
                                        "~/.cache/lpr/detector-data)")
     d.add_argument("--rebuild-cache", action="store_true", help="rebuild the dataset view even if cached")
+    d.add_argument("--frames-per-clip", type=int, help="keep N evenly spaced training frames per clip (default: all)")
     d.add_argument("--strict", action="store_true", help="stop at the first bad row or missing frame")
     m = p.add_argument_group("model and schedule (flags override the preset)")
     m.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
@@ -54,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--device", help="cpu, 0, or 0,1,2,3 for multi-GPU (ultralytics DDP)")
     m.add_argument("--workers", type=int)
     m.add_argument("--patience", type=int)
+    m.add_argument("--warmup-epochs", type=float)
     m.add_argument("--seed", type=int, default=0)
     o = p.add_argument_group("output")
     o.add_argument("--name", default="yolo", help="run name suffix (folder: <runs-dir>/<timestamp>-<name>)")
@@ -138,6 +141,8 @@ def _callbacks(run_dir_holder: dict, extra: dict | None) -> dict[str, list[Calla
                 yolo.record_trusted(f)
 
     def on_fit_epoch_end(trainer):
+        if trainer.epoch >= trainer.epochs:  # ultralytics' final validation of best.pt, not an epoch
+            return
         m = trainer.metrics or {}
         logger.info("epoch %d/%d  mAP50 %.4f  mAP50-95 %.4f", trainer.epoch + 1, trainer.epochs,
                     m.get("metrics/mAP50(B)", float("nan")), m.get("metrics/mAP50-95(B)", float("nan")))
@@ -168,6 +173,9 @@ def publish_run(run_dir: Path, made_by: str, imgsz: int) -> dict:
     ckpt = run_dir / "weights" / "best.pt"
     if not ckpt.is_file():
         ckpt = run_dir / "weights" / "last.pt"
+    for f in (run_dir / "weights" / "best.pt", run_dir / "weights" / "last.pt"):
+        if f.is_file():  # ultralytics rewrote them (optimizer stripped) after the last on_model_save
+            yolo.record_trusted(f)
     model = yolo.load_ultralytics_checkpoint(ckpt)
     out = run_dir / "weights" / "detector.safetensors"
     with atomic_path(out) as tmp:
@@ -217,6 +225,9 @@ def train(args: argparse.Namespace, callbacks: dict | None = None) -> dict:
         last = run_dir / "weights" / "last.pt"
         if not last.is_file():
             raise BadInput(run_dir, "not a resumable run (weights/last.pt missing)")
+        if not yolo.resumable(last):
+            raise BadInput(last, "cannot resume: this run finished (its checkpoint holds no optimizer state); "
+                                 "start a new run, e.g. with --model " + str(run_dir / "weights" / "detector.safetensors"))
         overrides = {k: knobs[k] for k in ("device", "batch", "workers") if getattr(args, k, None) is not None}
         config = read_json(run_dir / "config.json", expect=dict) if (run_dir / "config.json").is_file() else {}
         logger.info("resuming %s", run_dir)
@@ -232,13 +243,13 @@ def train(args: argparse.Namespace, callbacks: dict | None = None) -> dict:
         ds = Dataset(args.data)
         problems = Problems(strict=args.strict)
         data = build_yolo_dataset(ds, args.cache_dir, workers=knobs["workers"] or None, problems=problems,
-                                  rebuild=args.rebuild_cache)
+                                  rebuild=args.rebuild_cache, frames_per_clip=knobs["frames_per_clip"])
         run_dir = _new_run_dir(runs_dir, args.name)
         start = _start_weights(knobs["model"], run_dir, args.trust_pickle)
         cpu = knobs["device"] == "cpu"
         overrides = dict(epochs=knobs["epochs"], imgsz=knobs["imgsz"], batch=knobs["batch"], device=knobs["device"],
                          workers=knobs["workers"], patience=knobs["patience"], close_mosaic=knobs["close_mosaic"],
-                         cache=knobs["cache"], seed=args.seed, amp=not cpu, deterministic=False, plots=False)
+                         cache=knobs["cache"], warmup_epochs=knobs["warmup_epochs"], seed=args.seed, amp=not cpu, deterministic=False, plots=False)
         data_info = {"root": str(ds.root.resolve()), "cache": str(data.root), "train": data.manifest["train"],
                      "val": data.manifest["val"], "problems": data.manifest["problems"]}
         write_json(run_dir / "config.json", {"knobs": knobs, "start_weights": start, "preset": args.preset,

@@ -216,6 +216,18 @@ def _unsafe_loading(tasks):
         tasks.SAFE_LOAD = old
 
 
+def resumable(path) -> bool:
+    """Whether a checkpoint still holds the epoch and optimizer state (finished runs are stripped of them)."""
+    ul()
+    from ultralytics.nn.tasks import torch_safe_load
+    _check_zip(Path(path))
+    try:
+        ckpt, _ = torch_safe_load(str(path), safe_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise BadInput(path, f"unreadable training checkpoint ({type(e).__name__})") from None
+    return isinstance(ckpt, dict) and ckpt.get("epoch", -1) >= 0 and ckpt.get("optimizer") is not None
+
+
 def _check_zip(path: Path) -> None:
     import zipfile
     if not zipfile.is_zipfile(path):

@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 MODES = ("fps", "even", "every")
 SEEK_GAP_S = 2.0  # without a keyframe index, seek only past gaps this long
+SEEK_MIN_SKIP_S = 1.0  # with one, seek only when it skips at least this much decoding
 _MAX_BAD_PACKETS = 100  # consecutive undecodable packets before a stream counts as corrupt
 
 
@@ -313,7 +314,7 @@ def _worth_seeking(prev: float | None, target: float, t0: float, keys: list[floa
     pos = 0.0 if prev is None else prev
     if keys:
         i = bisect.bisect_right(keys, t0 + target) - 1
-        return i >= 0 and keys[i] - t0 > pos + 1e-6
+        return i >= 0 and keys[i] - t0 > pos + SEEK_MIN_SKIP_S
     return target - pos > SEEK_GAP_S
 
 
@@ -407,7 +408,9 @@ def _sample(path, info, t0, keys, mode, fps, n, every_s, max_frames, seek) -> It
         duration = _scan_duration_pyav(path, t0) if info.backend == "pyav" else None
         if duration is None:  # count frames the slow way (decode, no RGB conversion)
             duration = _count_duration(path, info, t0)
-    tol = 0.5 / info.fps if info.fps else 0.02
+    # half a frame (nearest frame on constant-rate video), never more than half the spacing of the targets
+    spacing = {"fps": 1.0 / fps, "every": every_s, "even": (duration or 0.0) / n or math.inf}[mode]
+    tol = 0.5 * min(1.0 / info.fps if info.fps else 0.04, spacing)
     sel = _Selector(_targets(mode, duration, fps, n, every_s), tol)
     if info.backend == "pyav":
         source = _sample_pyav(path, info, t0, keys, sel, allow_seek=seek)
@@ -453,9 +456,10 @@ def _count_duration(path: Path, info: VideoInfo, t0: float) -> float:
 
 
 def write_video(path, frames: Iterable[np.ndarray], fps: float = 10.0, codec: str = "libx264",
-                rotation: int = 0, crf: int = 23) -> int:
+                rotation: int = 0, crf: int = 23, options: dict[str, str] | None = None) -> int:
     """Encode RGB frames (HxWx3 uint8, even sizes for yuv420p) to a video, atomically; ``rotation`` (clockwise
-    degrees) is stored as display metadata, as phones do. Returns the number of frames written."""
+    degrees) is stored as display metadata, as phones do; ``options`` go to the encoder (e.g. ``{"g": "10"}`` for
+    a keyframe every 10 frames). Returns the number of frames written."""
     av = _av()
     from lpr4m.io import atomic_path
     path = Path(path)
@@ -466,7 +470,9 @@ def write_video(path, frames: Iterable[np.ndarray], fps: float = 10.0, codec: st
             stream = out.add_stream(codec, rate=rate)
             stream.pix_fmt = "yuv420p"
             if codec in ("libx264", "h264"):
-                stream.options = {"crf": str(crf), "preset": "veryfast"}
+                stream.options = {"crf": str(crf), "preset": "veryfast", **(options or {})}
+            elif options:
+                stream.options = dict(options)
             for rgb in frames:
                 rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
                 if count == 0:
@@ -484,5 +490,6 @@ def write_video(path, frames: Iterable[np.ndarray], fps: float = 10.0, codec: st
 
 
 def _format_for(path: Path) -> str | None:
-    return {".mp4": "mp4", ".mov": "mov", ".mkv": "matroska", ".avi": "avi", ".webm": "webm"}.get(
+    return {".mp4": "mp4", ".mov": "mov", ".mkv": "matroska", ".avi": "avi", ".webm": "webm", ".h264": "h264",
+            ".ts": "mpegts"}.get(
         path.suffix.lower())

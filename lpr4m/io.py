@@ -11,16 +11,19 @@ from typing import Any, Iterator
 from lpr4m.errors import BadInput
 
 
-def _umask() -> int:
+def _read_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
 
 
+_UMASK = _read_umask()  # read once: os.umask() briefly changes process state, not safe to call from threads
+
+
 def _make_temp(path: Path, suffix: str) -> tuple[int, str]:
     """mkstemp gives 0600; give the final file the mode a plain open() would (0666 minus the umask)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.chmod(tmp, 0o666 & ~_umask())
+    os.chmod(tmp, 0o666 & ~_UMASK)
     return fd, tmp
 
 

@@ -321,7 +321,7 @@ def _fit_text(img, text: str, box, colour, font: int, thickness_frac: float = 0.
     (tw, th), _ = cv2.getTextSize(text, font, 1.0, 1)
     scale = min(bw / max(tw, 1), bh / max(th, 1)) * 0.92
     thick = max(1, int(round(scale * th * thickness_frac)))
-    (tw, th), base = cv2.getTextSize(text, font, scale, thick)
+    (tw, th), _ = cv2.getTextSize(text, font, scale, thick)
     org = (int(x1 + (bw - tw) / 2), int(y1 + (bh + th) / 2))
     cv2.putText(img, text, org, font, scale, colour, thick, cv2.LINE_AA)
 
@@ -358,9 +358,9 @@ def draw_product(spec: ProductSpec, height: int = 240) -> Sprite:
                       max(1, lw // 30), aa)
         tbox = (cx - lw // 2 + 4, cy - lh // 2 + 4, cx + lw // 2 - 4, cy + lh // 6)
     _fit_text(canvas, spec.brand.upper(), tbox, _col(spec.text_colour), FONTS[spec.font])
-    _fit_text(canvas, spec.variant, (tbox[0] + (tbox[2] - tbox[0]) // 5, tbox[3] + 2, tbox[2] - (tbox[2] - tbox[0]) // 5,
-                                     tbox[3] + max(3, (tbox[3] - tbox[1]) // 2)), _col(spec.text_colour),
-              cv2.FONT_HERSHEY_SIMPLEX, 0.07)
+    inset = (tbox[2] - tbox[0]) // 5
+    sub = (tbox[0] + inset, tbox[3] + 2, tbox[2] - inset, tbox[3] + max(3, (tbox[3] - tbox[1]) // 2))
+    _fit_text(canvas, spec.variant, sub, _col(spec.text_colour), cv2.FONT_HERSHEY_SIMPLEX, 0.07)
     _logo(canvas, spec, cx, fy1 + max(3, int(0.13 * fh)), max(2, int(min(0.1 * fh, 0.18 * fw))))
     img = canvas.astype(np.float32)
     alpha = body.astype(np.float32) / 255.0
@@ -745,7 +745,11 @@ class ClipScene:
             pose = Pose(self.cx(t) * W, self.cy(t) * H, self.scale(t) * H, self.yaw(t), self.pitch(t), self.roll(t))
             Hm = homography(self.sprite.size, pose, focal=2.5)
             blur_len = int(rng.integers(5, 15)) if rng.random() < self.blur else 0
-            warped = warp_sprite(self.sprite, Hm, W, H, pad=blur_len)
+            occluding = bool(self.occluder and self.occluder[0] <= t < self.occluder[1])
+            # the ROI also holds the palm and the passing hand, so neither is cut at the product's edge
+            pad = blur_len + int(4 * finger_w) + (int(0.7 * self.extras.get("occ_r", 0.3) * pose.height)
+                                                  if occluding else 0)
+            warped = warp_sprite(self.sprite, Hm, W, H, pad=pad)
             if warped is not None:
                 rgb, a, x0, y0 = warped
                 if blur_len:
@@ -754,7 +758,7 @@ class ClipScene:
                     a = cv2.filter2D(a, -1, k, borderType=cv2.BORDER_CONSTANT)
                 hm, wrist = hand_mask(a.shape, Hm, self.sprite.size, self.grip, self.hand_side, finger_w, x0=x0,
                                       y0=y0)
-                if self.occluder and self.occluder[0] <= t < self.occluder[1]:
+                if occluding:
                     u = (t - self.occluder[0]) / max(1e-6, self.occluder[1] - self.occluder[0])
                     w_, h_ = self.sprite.size
                     c = project(Hm, [[w_ * (0.1 + 0.8 * u), h_ * self.extras.get("occ_y", 0.5)]])[0]

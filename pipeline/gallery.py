@@ -542,6 +542,9 @@ class GalleryIndex:
             raise BadInput(path, "exists and is not a gallery index folder (choose another --out)")
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700; an index folder is an ordinary output
         old = None
         try:
             with atomic_path(tmp / INDEX_FILE) as p:

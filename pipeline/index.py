@@ -6,14 +6,18 @@ Prints a JSON summary (or writes it to ``--summary FILE``).
 """
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
 from pathlib import Path
-from typing import Sequence
 
-from lpr4m.cli import emit_json, run_main, setup_logging
-from lpr4m.errors import BadInput, Problems
+if __name__ == "__main__":  # run as a script: resolve packages from the repo root, not from pipeline/
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+from typing import Sequence  # noqa: E402
+
+from lpr4m.cli import emit_json, run_main, setup_logging  # noqa: E402
+from lpr4m.errors import BadInput, Problems  # noqa: E402
 
 logger = logging.getLogger("pipeline.index")
 
@@ -47,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     from pipeline import backends
     from pipeline.gallery import GalleryIndex, collect
 

@@ -151,8 +151,9 @@ class Recognizer:
     """
 
     def __init__(self, embedder, detector=None, crops_per_frame: int = 1, pad: float = 0.05, batch: int = 8,
-                 thumbs: int = 0, thumb_width: int = 320):
+                 thumbs: int = 0, thumb_width: int = 320, min_score: float = 0.0):
         self.embedder = embedder
+        self.min_score = min_score  # boxes below it are kept (for box AP) but never cropped
         self.detector = detector
         self.crops_per_frame = max(1, crops_per_frame)
         self.pad = pad
@@ -176,7 +177,9 @@ class Recognizer:
             for j, (f, det) in enumerate(zip(frames, dets)):
                 used: list[int] = []
                 if det is not None and len(det.scores):
-                    order = np.argsort(-np.asarray(det.scores))[: self.crops_per_frame]
+                    sc = np.asarray(det.scores, np.float32).reshape(-1)
+                    order = np.argsort(-sc, kind="stable")
+                    order = order[sc[order] >= self.min_score][: self.crops_per_frame]
                     boxes = np.asarray(det.xyxy, dtype=np.float32)[order]
                     pieces = crop_boxes(f.rgb, boxes, pad=self.pad)
                     for i, piece in zip(order.tolist(), pieces):
@@ -287,7 +290,7 @@ def search_clip(results: Sequence[FrameResult], gallery, k: int = 5, method: str
                 if len(sup) >= support:
                     break
             d = m.as_dict()
-            d["score"] = round(d["score"], 4)
+            d["score"] = round(d["score"], 6)
             out.append({"rank": rank, **d, "support": sup})
     return out
 

@@ -6,14 +6,18 @@ write the same content, atomically, after everything has succeeded (a failure le
 """
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
 from pathlib import Path
-from typing import Sequence
 
-from lpr4m.cli import run_main, setup_logging
-from lpr4m.errors import BadInput
+if __name__ == "__main__":  # run as a script: resolve packages from the repo root, not from pipeline/
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+from typing import Sequence  # noqa: E402
+
+from lpr4m.cli import run_main, setup_logging  # noqa: E402
+from lpr4m.errors import BadInput  # noqa: E402
 
 logger = logging.getLogger("pipeline.run")
 
@@ -81,6 +85,7 @@ def load_gallery(args, embedder):
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     from lpr4m.frames import probe_video
     from lpr4m.io import atomic_write, write_json
     from pipeline import backends

@@ -86,9 +86,11 @@ class EmbedderConfig:
 
 
 def config_path_for(weights) -> Path:
-    """``weights/retriever.safetensors`` -> ``weights/retriever.json``."""
+    """``retriever.safetensors`` -> ``retriever.json``; exports keep their own: ``retriever.onnx.json``."""
     weights = Path(weights)
-    return weights.with_suffix(".json")
+    if weights.suffix.lower() == ".safetensors":
+        return weights.with_suffix(".json")
+    return weights.with_name(weights.name + ".json")
 
 
 def sha256_file(path, chunk: int = 1 << 20) -> str:

@@ -11,7 +11,11 @@ from __future__ import annotations
 
 from typing import Iterable, Mapping, Sequence
 
+import logging
+
 import numpy as np
+
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its INFO lines about AVX builds are noise
 
 DEFAULT_KS = (1, 3, 5, 10)
 

@@ -1,0 +1,135 @@
+"""``python detector/bench.py``: ms/frame of PyTorch vs ONNX Runtime, per input size and batch (median of runs).
+
+Times the whole ``Detector.detect`` call (letterbox, network, NMS) and the network alone, on fixed 640x360 frames,
+with the same thread count for both runtimes. The ratio column is ONNX Runtime / PyTorch measured in this run.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from lpr4m.cli import emit_json, setup_logging
+from lpr4m.errors import BadInput
+
+logger = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python detector/bench.py", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--weights", default="weights/detector.safetensors",
+                   help="our .safetensors; when missing, an untrained --model-yaml network is timed instead")
+    p.add_argument("--model-yaml", default="yolo11n.yaml")
+    p.add_argument("--imgsz", type=int, nargs="+", default=[320, 640])
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--runs", type=int, default=7, help="timed runs per setting (the median is reported)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="intra-op threads for both runtimes")
+    p.add_argument("--out", help="write the JSON rows here instead of stdout")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def bench_frames(n: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [(rng.random((360, 640, 3)) * 255).astype(np.uint8) for _ in range(n)]
+
+
+def median_ms(fn, runs: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1000 * statistics.median(times)
+
+
+def _untrained_weights(yaml: str, folder: Path, imgsz: int) -> Path:
+    """A randomly initialised network in our format: speed does not depend on the weights' values."""
+    from safetensors.torch import save_file
+
+    from detector import yolo
+    from detector.config import DetectorConfig
+    desc = yolo.model_yaml(yaml)
+    model = yolo.build_model(desc)
+    out = folder / "untrained.safetensors"
+    save_file(yolo.state_dict_for_saving(model), str(out))
+    DetectorConfig(model=yaml, model_yaml=desc, imgsz=imgsz, stride=int(max(model.stride)),
+                   made_by="detector/bench.py (untrained, timing only)").save(out.with_suffix(".json"))
+    return out
+
+
+def run(args) -> dict:
+    import torch
+
+    from detector.exporting import export_onnx
+    from detector.infer import Detector, OnnxBackend, load_detector, preprocess
+    torch.set_num_threads(args.threads)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = Path(args.weights)
+        note = str(weights)
+        if not weights.is_file():
+            logger.warning("%s not found; timing an untrained %s", weights, args.model_yaml)
+            weights = _untrained_weights(args.model_yaml, Path(tmp), max(args.imgsz))
+            note = f"untrained {args.model_yaml}"
+        for imgsz in args.imgsz:
+            pt = load_detector(weights, imgsz=imgsz, conf=0.25)
+            onnx_path = Path(tmp) / f"d{imgsz}.onnx"
+            export_onnx(weights, onnx_path, imgsz=imgsz)
+            ort = Detector(OnnxBackend(onnx_path, "cpu", threads=args.threads), pt.config, conf=0.25, imgsz=imgsz)
+            for bs in args.batch:
+                frames = bench_frames(bs)
+                batch, _ = preprocess(frames, imgsz)
+                row = {"imgsz": imgsz, "batch": bs}
+                for name, det in (("torch", pt), ("onnxruntime", ort)):
+                    det.batch_size = bs
+                    row[f"{name}_ms"] = median_ms(lambda: det.detect(frames), args.runs, args.warmup) / bs
+                    row[f"{name}_net_ms"] = median_ms(lambda: det.raw(batch), args.runs, args.warmup) / bs
+                row["ratio"] = row["onnxruntime_ms"] / row["torch_ms"]
+                row["net_ratio"] = row["onnxruntime_net_ms"] / row["torch_net_ms"]
+                rows.append({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})
+                logger.info("imgsz %d batch %d: torch %.1f ms/frame, onnxruntime %.1f ms/frame", imgsz, bs,
+                            row["torch_ms"], row["onnxruntime_ms"])
+    return {"weights": note, "threads": args.threads, "runs": args.runs, "torch": torch.__version__,
+            "onnxruntime": _ort_version(), "rows": rows}
+
+
+def _ort_version() -> str:
+    import onnxruntime
+    return onnxruntime.__version__
+
+
+def table(result: dict) -> str:
+    head = (f"{'imgsz':>5} {'batch':>5} | {'torch ms/frame':>14} {'ORT ms/frame':>12} {'ORT/torch':>9} | "
+            f"{'torch net':>9} {'ORT net':>8} {'net ratio':>9}")
+    lines = [head, "-" * len(head)]
+    for r in result["rows"]:
+        lines.append(f"{r['imgsz']:>5} {r['batch']:>5} | {r['torch_ms']:>14.1f} {r['onnxruntime_ms']:>12.1f} "
+                     f"{r['ratio']:>9.2f} | {r['torch_net_ms']:>9.1f} {r['onnxruntime_net_ms']:>8.1f} "
+                     f"{r['net_ratio']:>9.2f}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Print the speed table (stderr) and the JSON rows (stdout or --out)."""
+    import sys
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    if args.runs < 1:
+        raise BadInput(None, "--runs must be >= 1")
+    result = run(args)
+    print(f"weights: {result['weights']}  threads: {args.threads}  median of {args.runs} runs  "
+          f"(torch {result['torch']}, onnxruntime {result['onnxruntime']})", file=sys.stderr)
+    print(table(result), file=sys.stderr)
+    emit_json(result, args.out)
+    return 0

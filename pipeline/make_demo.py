@@ -1,0 +1,157 @@
+"""``python pipeline/make_demo.py``: regenerate ``demo/`` (the bundled demo gallery and clips) from synthetic data.
+
+Takes ONE test live of a synthesized LPR4M dataset -- test products are never in the training split, so the
+bundled weights have not seen them -- and copies its gallery (all views) with titles, ``--clips`` of its test
+clips and their answers:
+
+    demo/gallery/<image_id>-<view>.jpg, demo/gallery/titles.txt
+    demo/clips/<video_id>.mp4, demo/answers.json ({video_id: {"image_ids": [...], "titles": [...]}})
+
+By default the dataset is ``python -m lpr4m synth --preset demo --seed 0`` (the one the bundled weights were
+trained on), synthesized into a temporary folder; ``--data ROOT`` uses an existing one. The new ``demo/`` is
+written next to the old one and swapped in, so an interrupted run leaves the old demo intact.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":  # run as a script: resolve packages from the repo root, not from pipeline/
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+from typing import Sequence  # noqa: E402
+
+from lpr4m.cli import emit_json, run_main, setup_logging  # noqa: E402
+from lpr4m.errors import BadInput  # noqa: E402
+
+logger = logging.getLogger("pipeline.make_demo")
+MAX_BYTES = 5 * 1024 * 1024
+README = """# Bundled demo
+
+Made by `python pipeline/make_demo.py` (regenerate it with the same command): one test live of the synthetic
+LPR4M dataset `{source}`. Test products never appear in the training
+split, so the bundled weights (`weights/`) have not seen these products.
+
+- `gallery/`: the live's shop images ({n} products, {views} images; `<image_id>-<view>.jpg`, view 0 = main image)
+  and `titles.txt` (`image_id<TAB>title`). `python pipeline/run.py` uses it by default (index built on the fly
+  and cached under `~/.cache/lpr/indexes/`, or `$LPR_CACHE_DIR`).
+- `clips/`: test clips of that live; `answers.json` lists the product each one presents:
+{clips}
+
+    python pipeline/run.py --clip demo/clips/{first}.mp4 --html report.html
+"""
+
+
+def pick_live(ds, n_clips: int) -> tuple[str, list[str]]:
+    """The test live with the most clips that show different products (first such live wins ties)."""
+    from lpr4m.ids import parse_video_id
+    by_live: dict[str, list[str]] = {}
+    for video_id, gt in ds.gt_images.items():
+        live = parse_video_id(video_id).live_id
+        by_live.setdefault(live, []).append(video_id)
+    best = None
+    for live in sorted(by_live):
+        chosen, seen = [], set()
+        for vid in sorted(by_live[live]):
+            first = ds.gt_images[vid][0] if ds.gt_images[vid] else None
+            if first in seen or not (ds.root / "clips" / f"{vid}.mp4").is_file():
+                continue
+            seen.add(first)
+            chosen.append(vid)
+        if best is None or len(chosen[:n_clips]) > len(best[1]):
+            best = (live, chosen[:n_clips])
+    if best is None or not best[1]:
+        raise BadInput(ds.root, "no test live with clips (expected clips/<video_id>.mp4 as lpr4m synth writes)")
+    return best
+
+
+def synth_command(root: Path) -> str:
+    from lpr4m.io import read_json
+    m = read_json(root / "synth_manifest.json", expect=dict) if (root / "synth_manifest.json").is_file() else {}
+    return f"python -m lpr4m synth OUT --preset {m.get('preset', '?')} --seed {m.get('seed', '?')}"
+
+
+def write_demo(ds, out: Path, n_clips: int = 3) -> dict:
+    from lpr4m.io import write_json
+    live, videos = pick_live(ds, n_clips)
+    titles = ds.titles
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700; the demo is a normal, shared folder
+    try:
+        (tmp / "gallery").mkdir()
+        (tmp / "clips").mkdir()
+        gallery = ds.gallery(live)
+        for image_id, view, path in gallery:
+            shutil.copyfile(path, tmp / "gallery" / f"{image_id}-{view}.jpg")
+        ids = sorted({i for i, _, _ in gallery})
+        (tmp / "gallery" / "titles.txt").write_text("".join(f"{i}\t{titles.get(i, '')}\n" for i in ids),
+                                                     encoding="utf-8")
+        answers = {}
+        for vid in videos:
+            shutil.copyfile(ds.root / "clips" / f"{vid}.mp4", tmp / "clips" / f"{vid}.mp4")
+            gt = ds.gt_images[vid]
+            answers[vid] = {"image_ids": gt, "titles": [titles.get(i, "") for i in gt]}
+        write_json(tmp / "answers.json", {"live_id": live, "clips": answers})
+        lines = [f"- `clips/{vid}.mp4`: {', '.join(a['titles']) or ', '.join(a['image_ids'])}"
+                 for vid, a in answers.items()]
+        (tmp / "README.md").write_text(README.format(n=len(ids), views=len(gallery), clips="\n".join(lines),
+                                                     first=videos[0], source=synth_command(ds.root)),
+                                       encoding="utf-8")
+        size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
+        if size > MAX_BYTES:
+            raise BadInput(out, f"demo would be {size / 1e6:.1f} MB (> {MAX_BYTES / 1e6:.0f} MB); use fewer --clips")
+        old = None
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.rename(out, old)
+        os.rename(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"demo": str(out), "live_id": live, "gallery_images": len(gallery), "products": len(ids),
+            "clips": list(answers), "bytes": size}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pipeline.backends import DEMO_DIR
+    p = argparse.ArgumentParser(prog="python pipeline/make_demo.py", description=__doc__.split("\n")[0].strip("`"),
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", help="a synthesized LPR4M root (default: synthesize --preset demo into a temp folder)")
+    p.add_argument("--preset", default="demo")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--clips", type=int, default=3, help="demo clips to bundle")
+    p.add_argument("--out", default=str(DEMO_DIR), help="demo folder to (re)write")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    from lpr4m.layout import Dataset
+    if args.data:
+        summary = write_demo(Dataset(args.data), Path(args.out), args.clips)
+    else:
+        from lpr4m.synth import synthesize
+        with tempfile.TemporaryDirectory(prefix="lpr-demo-") as tmp:
+            root = Path(tmp) / "data"
+            logger.info("synthesizing preset %s seed %d (a minute or two)", args.preset, args.seed)
+            synthesize(root, seed=args.seed, preset=args.preset)
+            summary = write_demo(Dataset(root), Path(args.out), args.clips)
+    emit_json(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

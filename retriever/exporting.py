@@ -1,0 +1,174 @@
+"""Export the embedder (``python retriever/export.py --weights W --format onnx|engine``).
+
+ONNX: dynamic batch axis, ``onnx.checker`` full check, and a parity check of ONNX Runtime against PyTorch
+(min cosine >= 0.9999 on a fixed input) -- a file that fails parity is not written. TensorRT: built from the
+ONNX file on the GPU that will run it (engines are tied to GPU and TensorRT version; never commit them).
+Each export writes ``<out>.json`` beside it (e.g. ``retriever.onnx.json``): the embedder config with that file's sha256, so ``load_embedder``
+reads preprocessing from it exactly as for the .safetensors.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from lpr4m.cli import emit_json, setup_logging
+from lpr4m.errors import BadInput
+from lpr4m.io import atomic_path
+from retriever.config import config_path_for, sha256_file
+from retriever.embedder import build_model, load_embedder, pool_params_from_model, read_config
+
+logger = logging.getLogger(__name__)
+
+PARITY_MIN_COSINE = 0.9999
+
+
+def _parity_input(config, n: int = 4, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, 3, config.input_size, config.input_size)).astype(np.float32)
+
+
+def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return float((a * b).sum(1).min())
+
+
+def _write_sidecar(config, model, path: Path, fmt: str, source_sha: str, parity: float) -> None:
+    config.format = fmt
+    config.sha256 = sha256_file(path)
+    config.extra = dict(config.extra, source_sha256=source_sha, parity_min_cosine=parity,
+                        pool_head={k: np.round(v, 7).tolist() for k, v in pool_params_from_model(model).items()})
+    config.save(config_path_for(path))
+
+
+def export_onnx(weights, out=None, opset: int = 17, batch: int = 2) -> dict:
+    """ONNX file with a dynamic batch axis, checked and parity-tested against PyTorch."""
+    import onnx
+    import onnxruntime as ort
+    weights = Path(weights)
+    config = read_config(weights)
+    source_sha = config.sha256
+    model = build_model(config, weights).eval()
+    out = Path(out) if out else weights.with_suffix(".onnx")
+    x = torch.from_numpy(_parity_input(config, batch))
+    t0 = time.perf_counter()
+    with atomic_path(out) as tmp:
+        torch.onnx.export(model, (x,), str(tmp), dynamo=False, opset_version=opset, input_names=["images"],
+                          output_names=["embeddings"],
+                          dynamic_axes={"images": {0: "batch"}, "embeddings": {0: "batch"}})
+        onnx.checker.check_model(onnx.load(str(tmp)), full_check=True)
+        xp = _parity_input(config, 5, seed=1)  # a batch size other than the traced one: the axis is dynamic
+        sess = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        y_ort = sess.run(None, {"images": xp})[0]
+        with torch.inference_mode():
+            y_pt = model(torch.from_numpy(xp)).numpy()
+        parity = min_cosine(y_ort, y_pt)
+        if parity < PARITY_MIN_COSINE:
+            raise RuntimeError(f"ONNX parity check failed: min cosine {parity:.6f} < {PARITY_MIN_COSINE}")
+    _write_sidecar(config, model, out, "onnx", source_sha, parity)
+    logger.info("ONNX export %s (%.1f MB) in %.1f s, parity min cosine %.6f", out, out.stat().st_size / 1e6,
+                time.perf_counter() - t0, parity)
+    return {"format": "onnx", "path": str(out), "parity_min_cosine": parity, "size_mb": out.stat().st_size / 1e6,
+            "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def export_engine(weights, out=None, fp16: bool = True, max_batch: int = 64, opt_batch: int = 32,
+                  workspace_gb: float = 2.0) -> dict:
+    """TensorRT engine built from the ONNX export, on this machine's GPU; parity-checked against PyTorch."""
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise BadInput(weights, "--format engine needs TensorRT: pip install '.[gpu]' on a machine with a GPU") \
+            from None
+    if not torch.cuda.is_available():
+        raise BadInput(weights, "--format engine needs an NVIDIA GPU (torch.cuda.is_available() is False)")
+    weights = Path(weights)
+    if weights.suffix == ".onnx":
+        onnx_path = weights
+        config = read_config(weights)
+        model = None
+    else:
+        onnx_path = Path(export_onnx(weights)["path"])
+        config = read_config(weights)
+        model = build_model(config, weights).eval()
+    source_sha = config.sha256
+    out = Path(out) if out else onnx_path.with_suffix(".engine")
+    t0 = time.perf_counter()
+    log = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(log)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, log)
+    if not parser.parse(onnx_path.read_bytes()):
+        errs = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errs}")
+    bc = builder.create_builder_config()
+    bc.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+    if fp16 and builder.platform_has_fast_fp16:
+        bc.set_flag(trt.BuilderFlag.FP16)
+    profile = builder.create_optimization_profile()
+    s = config.input_size
+    profile.set_shape(network.get_input(0).name, (1, 3, s, s), (opt_batch, 3, s, s), (max_batch, 3, s, s))
+    bc.add_optimization_profile(profile)
+    blob = builder.build_serialized_network(network, bc)
+    if blob is None:
+        raise RuntimeError("TensorRT engine build failed (see the TensorRT log above)")
+    with atomic_path(out) as tmp:
+        Path(tmp).write_bytes(bytes(blob))
+    if model is None:
+        from retriever.embedder import OnnxBackend
+        ref = OnnxBackend(onnx_path)
+        ref_fn = ref
+    else:
+        def ref_fn(b):
+            with torch.inference_mode():
+                return model(torch.from_numpy(b)).numpy()
+    from retriever.embedder import TensorRTBackend
+    xp = _parity_input(config, 5, seed=1)
+    parity = min_cosine(TensorRTBackend(out)(xp), ref_fn(xp))
+    tol = 0.999 if fp16 else PARITY_MIN_COSINE  # fp16 engines trade a little precision for speed
+    if parity < tol:
+        out.unlink()
+        raise RuntimeError(f"TensorRT parity check failed: min cosine {parity:.6f} < {tol}")
+    if model is None:  # built from an .onnx: its sidecar already holds the pooling head
+        config.format = "engine"
+        config.sha256 = sha256_file(out)
+        config.extra.update(source_sha256=source_sha, parity_min_cosine=parity)
+        config.save(config_path_for(out))
+    else:
+        _write_sidecar(config, model, out, "engine", source_sha, parity)
+    return {"format": "engine", "path": str(out), "parity_min_cosine": parity, "fp16": fp16,
+            "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="retriever/export.py", description=__doc__.split("\n")[0])
+    p.add_argument("--weights", required=True, help=".safetensors embedder (with its .json); .onnx for --format engine")
+    p.add_argument("--format", choices=("onnx", "engine"), default="onnx")
+    p.add_argument("--output", default=None, help="output file (default: the weights path with the new suffix)")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--no-fp16", action="store_true", help="TensorRT: build in fp32")
+    p.add_argument("--max-batch", type=int, default=64, help="TensorRT: largest batch of the optimisation profile")
+    p.add_argument("--out", default=None, help="write the JSON result here instead of stdout")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    weights = Path(args.weights)
+    if args.format == "onnx":
+        if weights.suffix != ".safetensors":
+            raise BadInput(weights, "--format onnx exports a .safetensors embedder")
+        result = export_onnx(weights, args.output, args.opset)
+    else:
+        result = export_engine(weights, args.output, fp16=not args.no_fp16, max_batch=args.max_batch)
+    result["fingerprint"] = load_embedder(result["path"]).fingerprint if args.format == "onnx" else None
+    emit_json(result, args.out)
+    return 0

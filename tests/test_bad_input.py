@@ -1,0 +1,237 @@
+"""Bad input: each case gives one line naming the file (and line), is skipped and counted by ``stats``, is fatal
+with ``--strict``, and the CLI exits 2 without a traceback."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+
+from lpr4m.cli import run_main
+from lpr4m.errors import BadInput, Problems
+from lpr4m.frames import probe_video, sample_frames, write_video
+from lpr4m.images import load_rgb
+from lpr4m.io import read_json
+from lpr4m.stats import dataset_stats, main
+from test_layout import make_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+ANN = "annotations"
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("pristine") / "ds"
+    made = make_dataset(root)
+    write_video(root / "clips" / f"{made['test_ids'][0]}.mp4", [np.full((32, 32, 3), 90, np.uint8)] * 3, fps=3)
+    return root, made
+
+
+@pytest.fixture
+def ds(pristine, tmp_path) -> tuple[Path, dict]:
+    root = tmp_path / "ds"
+    shutil.copytree(pristine[0], root)
+    return root, pristine[1]
+
+
+def _rewrite_row(root: Path, index: int, edit: Callable[[list[str]], list[str]]) -> None:
+    path = root / ANN / "training_videoinfo.txt"
+    lines = path.read_text(encoding="utf-8").splitlines()
+    lines[index] = "\t".join(edit(lines[index].split("\t")))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _set(cells: list[str], i: int, value: str) -> list[str]:
+    cells[i] = value
+    return cells
+
+
+def _edit_json(root: Path, name: str, edit: Callable[[dict], None]) -> None:
+    path = root / ANN / name
+    obj = json.loads(path.read_text())
+    edit(obj)
+    path.write_text(json.dumps(obj))
+
+
+def _first(d: dict):
+    return next(iter(d))
+
+
+# each case: (corrupt the dataset) -> (problem kind, text that names the file, needs --verify)
+CASES = {
+    "tsv_too_few_columns": (lambda r, m: _rewrite_row(r, 1, lambda c: c[:5]),
+                            "malformed_row", "training_videoinfo.txt:2: expected 11", False),
+    "tsv_bad_list": (lambda r, m: _rewrite_row(r, 0, lambda c: _set(c, 1, "[unclosed")),
+                     "malformed_row", "training_videoinfo.txt:1: frame list is neither", False),
+    "box_outside_unit": (lambda r, m: _rewrite_row(r, 2, lambda c: _set(c, 2, "[[[0.1, 0.1, 1.5, 0.5]], [], []]")),
+                         "malformed_row", "training_videoinfo.txt:3: box", False),
+    "box_x2_lt_x1": (lambda r, m: _rewrite_row(r, 0, lambda c: _set(c, 2, "[[[0.6, 0.1, 0.2, 0.5]], [], []]")),
+                     "malformed_row", "x2 < x1", False),
+    "frame_of_other_clip": (lambda r, m: _rewrite_row(r, 0, lambda c: _set(c, 1, json.dumps(
+        [m["clips"][1].frame_ids[0]] * 3))), "malformed_row", "does not belong to clip", False),
+    "unsafe_id": (lambda r, m: _rewrite_row(r, 0, lambda c: _set(c, 3, "../../etc/passwd")),
+                  "malformed_row", "unsafe image_id", False),
+    "empty_training_clip": (lambda r, m: _rewrite_row(r, 0, lambda c: _set(_set(c, 1, "[]"), 2, "[]")),
+                            "empty_clip", "training_videoinfo.txt:1: clip", False),
+    "missing_training_frame": (lambda r, m: (r / "training_video" / m["clips"][0].video_id /
+                                             f"{m['clips'][0].frame_ids[1]}.jpg").unlink(),
+                               "missing_file", "-0001.jpg: frame missing (listed at training_videoinfo.txt:1)", False),
+    "missing_clip_folder": (lambda r, m: shutil.rmtree(r / "training_video" / m["clips"][2].video_id),
+                            "missing_file", "folder missing (3 frames listed at training_videoinfo.txt:3)", False),
+    "missing_training_image": (lambda r, m: (r / "training_image" / f"{m['products'][1]}.jpg").unlink(),
+                               "missing_file", "shop image missing", False),
+    "zero_byte_frame": (lambda r, m: (r / "training_video" / m["clips"][0].video_id /
+                                      f"{m['clips'][0].frame_ids[0]}.jpg").write_bytes(b""),
+                        "empty_file", "-0000.jpg: empty file", False),
+    "corrupt_gallery_image": (lambda r, m: (r / "gallery" / m["test_live"] / f"{m['products'][0]}-0.jpg")
+                              .write_bytes(b"\xff\xd8\xff\xe0garbage" * 10),
+                              "corrupt_file", "-0.jpg: corrupt or unreadable image", True),
+    "truncated_query_frame": (lambda r, m: _truncate(next((r / "query" / m["test_ids"][0]).iterdir())),
+                              "corrupt_file", "corrupt or unreadable image", True),
+    "missing_gallery_image": (lambda r, m: (r / "gallery" / m["test_live"] / f"{m['products'][2]}-0.jpg").unlink(),
+                              "missing_file", "gallery image missing", False),
+    "test_clip_without_frames": (lambda r, m: shutil.rmtree(r / "query" / m["test_ids"][1]),
+                                 "missing_file", "test clip has no frames", False),
+    "truncated_json": (lambda r, m: (r / ANN / "test_videoid_to_gtimage.json").write_text('{"a": ["b"'),
+                       "bad_annotation", "test_videoid_to_gtimage.json:1: invalid JSON", False),
+    "json_wrong_type": (lambda r, m: (r / ANN / "test_liveid_to_gallery.json").write_text("[1, 2]"),
+                        "bad_annotation", "test_liveid_to_gallery.json: expected a JSON dict", False),
+    "answer_not_in_gallery": (lambda r, m: _edit_json(r, "test_videoid_to_gtimage.json",
+                                                      lambda d: d[_first(d)].append(m["clips"][0].video_id[:36])),
+                              "unknown_id", "is not in the gallery of live", False),
+    "live_without_gallery": (lambda r, m: _edit_json(r, "test_liveid_to_gallery.json", lambda d: d.clear()),
+                             "unknown_id", "has no gallery", False),
+    "gtbox_unknown_frame": (lambda r, m: _edit_json(r, "test_frameid2gtbox.json", lambda d: d.update(
+        {f"{m['test_ids'][0]}-0099": [[0.1, 0.1, 0.2, 0.2]]})), "unknown_id", "-0099 has boxes but is not", False),
+    "gtbox_bad_box": (lambda r, m: _edit_json(r, "test_frameid2gtbox.json", lambda d: d.update(
+        {_first(d): [[0.5, 0.5, 0.4, 0.9]]})), "malformed_row", "test_frameid2gtbox.json: frame", False),
+    "malformed_gallery_id": (lambda r, m: _edit_json(r, "test_liveid_to_gallery.json",
+                                                     lambda d: d[_first(d)].append("not-an-id")),
+                             "malformed_row", "malformed image_id", False),
+    "bad_asr_row": (lambda r, m: (r / ANN / "test_videoid_asr.txt").open("a").write("nonsense\thi\n"),
+                    "malformed_row", "test_videoid_asr.txt:3: malformed video_id", False),
+    "zero_byte_clip_video": (lambda r, m: next((r / "clips").iterdir()).write_bytes(b""),
+                             "empty_file", ".mp4: empty file", False),
+    "text_clip_video": (lambda r, m: next((r / "clips").iterdir()).write_text("not a video\n" * 20),
+                        "corrupt_file", ".mp4: not a readable video", True),
+    "clip_video_of_unknown_id": (lambda r, m: shutil.copy(next((r / "clips").iterdir()),
+                                                          r / "clips" / f"{m['clips'][0].video_id}.mp4"),
+                                 "unknown_id", "not in the test annotations", False),
+}
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_stats_skips_counts_and_strict_fails(ds, case, capsys):
+    root, made = ds
+    corrupt, kind, text, verify = CASES[case]
+    corrupt(root, made)
+    flags = ["--verify"] if verify else []
+
+    problems = Problems()
+    s = dataset_stats(root, problems, verify=verify)  # skip-and-count: the rest is still counted
+    assert problems.counts.get(kind, 0) >= 1, (kind, problems.messages)
+    hits = [m for m in problems.messages if text in m]
+    assert hits, (text, problems.messages)
+    assert all("\n" not in m and str(root) in m for m in problems.messages)
+    assert s["problems"]["total"] == problems.total
+    if kind != "bad_annotation" and "json" not in case:
+        assert s["test"]["clips"] == made["counts"]["test_clips"]
+
+    capsys.readouterr()
+    assert run_main(main, [str(root), *flags]) == 0  # not strict: a report, exit 0
+    assert json.loads(capsys.readouterr().out)["problems"]["by_kind"].get(kind, 0) >= 1
+    assert run_main(main, [str(root), "--strict", *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and str(root) in err[-1]
+    assert not any("Traceback" in line for line in err)
+
+
+def test_clean_dataset_has_no_problems(pristine):
+    assert dataset_stats(pristine[0], verify=True)["problems"]["total"] == 0
+
+
+def test_cli_subprocess_exit_code_and_one_line(ds):
+    root, made = ds
+    CASES["tsv_too_few_columns"][0](root, made)
+    proc = subprocess.run([sys.executable, "-m", "lpr4m", "stats", str(root), "--strict"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == f"error: {root / ANN / 'training_videoinfo.txt'}:2: expected 11 tab-separated columns " \
+                   "(or 12 with spu_id), got 5"
+    assert proc.stdout == ""
+
+
+def test_cli_missing_root_and_non_dataset(tmp_path, capsys):
+    assert run_main(main, [str(tmp_path / "nope")]) == 2
+    assert "dataset root not found" in capsys.readouterr().err
+    assert run_main(main, [str(tmp_path)]) == 2
+    assert "no annotations/ folder" in capsys.readouterr().err
+
+
+# -- single files ----------------------------------------------------------------------------------------------
+def test_images(tmp_path):
+    empty, junk, missing = tmp_path / "e.jpg", tmp_path / "j.jpg", tmp_path / "m.jpg"
+    empty.write_bytes(b"")
+    junk.write_text("hello")
+    for path, msg in ((empty, "empty file"), (junk, "corrupt or unreadable image"), (missing, "image not found")):
+        with pytest.raises(BadInput) as e:
+            load_rgb(path)
+        assert str(e.value) == f"{path}: {e.value.message}" and msg in e.value.message
+
+
+def test_truncated_json_names_line(tmp_path):
+    path = tmp_path / "x.json"
+    path.write_text('{\n"a": [\n')
+    with pytest.raises(BadInput) as e:
+        read_json(path)
+    assert e.value.line == 3 and str(e.value).startswith(f"{path}:3: invalid JSON")
+
+
+@pytest.fixture(scope="module")
+def bad_videos(tmp_path_factory) -> dict[str, Path]:
+    import av
+    d = tmp_path_factory.mktemp("badvid")
+    good = d / "good.mp4"
+    write_video(good, (np.full((48, 64, 3), 6 * i, np.uint8) for i in range(40)), fps=10)
+    data = good.read_bytes()
+    out = {"missing": d / "missing.mp4", "zero_byte": d / "zero.mp4", "text": d / "text.mp4",
+           "truncated": d / "trunc.mp4", "audio_only": d / "audio.mp4", "folder": d / "dir.mp4"}
+    out["zero_byte"].write_bytes(b"")
+    out["text"].write_text("this is not a video\n" * 50)
+    out["truncated"].write_bytes(data[: len(data) // 2])  # the mp4 index (moov) is at the end: gone
+    out["folder"].mkdir()
+    with av.open(str(out["audio_only"]), "w") as c:
+        s = c.add_stream("aac", rate=8000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        frame.sample_rate = 8000
+        for i in range(4):
+            frame.pts = i * 1024
+            for p in s.encode(frame):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    return out
+
+
+@pytest.mark.parametrize("kind, msg", [("missing", "video not found"), ("zero_byte", "empty file"),
+                                       ("text", "not a readable video"), ("truncated", "not a readable video"),
+                                       ("audio_only", "no video stream"), ("folder", "is a folder")])
+def test_bad_videos(bad_videos, kind, msg):
+    path = bad_videos[kind]
+    for call in (lambda: probe_video(path), lambda: sample_frames(path), lambda: sample_frames(path, "even")):
+        with pytest.raises(BadInput) as e:
+            call()
+        assert str(e.value).startswith(f"{path}: ") and msg in str(e.value)
+        assert "\n" not in str(e.value)

@@ -1,0 +1,363 @@
+"""Detector package on the synthetic LPR4M-mini: dataset cache, offline training + resume, evaluation against
+ultralytics' own validation, ONNX parity, the neutral detect() API and refusal of bad weights.
+
+One tiny model is trained once per module (2 epochs at imgsz 128, interrupted after the first and resumed).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from lpr4m.cli import run_main
+from lpr4m.errors import BadInput, Problems
+from lpr4m.layout import Dataset
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLED = REPO / "weights" / "detector.safetensors"
+IMGSZ = 128
+
+
+class _Interrupted(Exception):
+    """Stands in for a crash or Ctrl-C in the middle of training."""
+
+
+@pytest.fixture(scope="module")
+def cache_env(tmp_path_factory):
+    """A fresh project cache (dataset views, ultralytics config) for this module."""
+    old = os.environ.get("LPR_CACHE_DIR")
+    os.environ["LPR_CACHE_DIR"] = str(tmp_path_factory.mktemp("lpr-cache"))
+    yield Path(os.environ["LPR_CACHE_DIR"])
+    if old is None:
+        os.environ.pop("LPR_CACHE_DIR", None)
+    else:
+        os.environ["LPR_CACHE_DIR"] = old
+
+
+@pytest.fixture(scope="module")
+def trained(lpr4m_mini, cache_env, tmp_path_factory):
+    """Train 2 epochs with the network switched off; the run is interrupted after epoch 1 and resumed."""
+    from detector import training
+
+    runs = tmp_path_factory.mktemp("runs")
+    attempts = []
+
+    def no_connect(self, address, *a, **k):
+        attempts.append(address)
+        raise OSError("network disabled in tests")
+
+    def no_dns(host, *a, **k):
+        attempts.append(host)
+        raise socket.gaierror("network disabled in tests")
+
+    def stop_after_first(trainer):
+        if trainer.epoch == 0:
+            raise _Interrupted()
+
+    common = ["--data", str(lpr4m_mini), "--preset", "tiny", "--imgsz", str(IMGSZ), "--epochs", "2",
+              "--runs-dir", str(runs), "--name", "t"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(socket.socket, "connect", no_connect)
+        mp.setattr(socket, "getaddrinfo", no_dns)
+        with pytest.raises(_Interrupted):
+            training.main(common, callbacks={"on_fit_epoch_end": [stop_after_first]})
+        (run_dir,) = list(runs.iterdir())
+        interrupted_rows = _rows(run_dir / "results.csv")
+        assert (run_dir / "weights" / "last.pt").is_file()
+        assert not (run_dir / "weights" / "detector.safetensors").exists()
+        assert run_main(training.main, ["--resume", str(run_dir), "--runs-dir", str(runs)]) == 0
+    return SimpleNamespace(run_dir=run_dir, runs=runs, interrupted_rows=interrupted_rows, attempts=attempts,
+                           weights=run_dir / "weights" / "detector.safetensors", data=lpr4m_mini)
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def _frames(root: Path, n: int = 4) -> list[np.ndarray]:
+    from lpr4m.images import load_rgb
+    ds = Dataset(root)
+    return [load_rgb(ds.query_frame_path(f)) for f in sorted(ds.gt_boxes)[:n]]
+
+
+# -- dataset ----------------------------------------------------------------------------------------------------
+def test_dataset_labels_links_and_cache(lpr4m_mini, tmp_path):
+    from detector.dataset import build_yolo_dataset
+
+    ds = Dataset(lpr4m_mini)
+    data = build_yolo_dataset(ds, tmp_path, workers=2)
+    boxed = [(c, f, b) for c in ds.training_clips() if c.has_boxes for f, b in zip(c.frame_ids, c.boxes)]
+    lines = data.train_list.read_text().splitlines()
+    assert len(lines) == len(boxed) == data.manifest["train"]["frames"]
+    assert data.manifest["val"]["frames"] == len(ds.gt_boxes)
+    clip, frame_id, boxes = next(x for x in boxed if x[2])
+    label = (data.root / "labels" / "train" / clip.video_id / f"{frame_id}.txt").read_text().split("\n")[0]
+    cls, cx, cy, w, h = map(float, label.split())
+    x1, y1, x2, y2 = boxes[0]
+    assert cls == 0 and (cx, cy, w, h) == pytest.approx(((x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1), abs=1e-6)
+    # images are reached through one directory symlink per clip, never copied
+    link = data.root / "images" / "train" / clip.video_id
+    assert link.is_symlink() and link.resolve() == (lpr4m_mini / "training_video" / clip.video_id).resolve()
+    assert sum(len(files) for _, _, files in os.walk(data.root / "images")) == 0  # os.walk does not follow links
+    assert (data.root / lines[0]).is_file()
+    # frames with an empty box list are background images with an empty label file
+    empty = [fid for fid, b in ds.gt_boxes.items() if not b]
+    if empty:
+        from lpr4m.ids import parse_frame_id
+        vid = parse_frame_id(empty[0])[0]
+        assert (data.root / "labels" / "val" / vid / f"{empty[0]}.txt").read_text() == ""
+    again = build_yolo_dataset(ds, tmp_path, workers=2)
+    assert again.manifest["reused"] and again.root == data.root
+
+
+def test_dataset_counts_missing_frames(lpr4m_mini, tmp_path):
+    from detector.dataset import build_yolo_dataset, spread
+    from lpr4m import annotations as ann
+
+    root = tmp_path / "ds"
+    shutil.copytree(lpr4m_mini / "annotations", root / "annotations")
+    for sub in ("training_video", "query"):
+        os.symlink(lpr4m_mini / sub, root / sub)
+    clips = list(Dataset(lpr4m_mini).training_clips())
+    ghost = clips[0]
+    vid = ghost.video_id.rsplit("-", 2)[0] + "-1-2"
+    clips.append(ann.TrainingClip(vid, [f"{vid}-0000", f"{vid}-0001"], [[[0.1, 0.1, 0.5, 0.5]], []], ghost.image_id))
+    ann.write_training_videoinfo(root / "annotations" / "training_videoinfo.txt", clips)
+    problems = Problems()
+    data = build_yolo_dataset(Dataset(root), tmp_path / "cache", workers=1, problems=problems)
+    assert data.manifest["train"]["missing_frame"] == 2 and problems.counts["missing_frame"] == 2
+    with pytest.raises(BadInput, match="missing frame"):
+        build_yolo_dataset(Dataset(root), tmp_path / "cache", workers=1, problems=Problems(strict=True), rebuild=True)
+    assert spread(list(range(10)), 3) == [0, 4, 9] and spread([1, 2], 5) == [1, 2]
+
+
+# -- training ---------------------------------------------------------------------------------------------------
+def test_training_run_folder_resume_and_offline(trained):
+    run = trained.run_dir
+    assert len(trained.interrupted_rows) == 1
+    rows = _rows(run / "results.csv")
+    assert [int(float(r["epoch"])) for r in rows] == [1, 2]  # resumed at epoch 2, not restarted
+    for name in ("args.yaml", "config.json", "metrics.json", "weights/last.pt", "weights/best.pt",
+                 "weights/trusted.json", "weights/detector.safetensors", "weights/detector.json"):
+        assert (run / name).is_file(), name
+    cfg = json.loads((run / "weights" / "detector.json").read_text())
+    assert cfg["kind"] == "lpr-detector" and cfg["nc"] == 1 and cfg["names"] == ["product"]
+    assert cfg["imgsz"] == IMGSZ and len(cfg["sha256"]) == 64 and cfg["metrics"]["epochs_done"] == 2
+    config = json.loads((run / "config.json").read_text())
+    assert config["dataset"]["train"]["frames"] > 0 and config["knobs"]["imgsz"] == IMGSZ
+    assert trained.attempts == []  # nothing tried to reach the network (fonts, AMP check, pip, hub)
+    assert os.environ["YOLO_OFFLINE"] == "1" and os.environ["YOLO_AUTOINSTALL"] == "false"
+    settings = json.loads((Path(os.environ["LPR_CACHE_DIR"]) / "ultralytics-config" / "Ultralytics" /
+                           "settings.json").read_text())
+    assert settings["sync"] is False and settings["datasets_dir"].startswith(os.environ["LPR_CACHE_DIR"])
+
+
+def test_new_run_never_overwrites(trained):
+    from detector.training import _new_run_dir
+    a, b = _new_run_dir(trained.runs, "x"), _new_run_dir(trained.runs, "x")
+    assert a != b and a.is_dir() and b.is_dir()
+
+
+def test_resume_of_finished_run_is_refused(trained, capsys):
+    from detector import training
+    assert run_main(training.main, ["--resume", str(trained.run_dir), "--runs-dir", str(trained.runs)]) == 2
+    assert "cannot resume" in capsys.readouterr().err
+
+
+def test_start_weights_from_safetensors_load_safely(trained, tmp_path):
+    import torch
+
+    from detector import yolo
+    from detector.infer import load_torch_model
+    from detector.training import _start_weights
+    start = Path(_start_weights(str(trained.weights), tmp_path, trust_pickle=False))
+    model = yolo.load_ultralytics_checkpoint(start)  # the restricted weights_only loader accepts it
+    ref, _ = load_torch_model(trained.weights)
+    for (k, a), b in zip(ref.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a.float(), b.float()), k
+
+
+# -- evaluation -------------------------------------------------------------------------------------------------
+def test_evaluate_cli_and_saved_coco_json(trained, tmp_path, capsys):
+    from detector import evaluation
+    out = tmp_path / "ev.json"
+    assert run_main(evaluation.main, ["--data", str(trained.data), "--weights", str(trained.weights),
+                                      "--save-json", str(tmp_path / "coco"), "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    n = len(Dataset(trained.data).gt_boxes)
+    assert res["frames"] == n and res["problems"]["total"] == 0
+    for key in ("ap", "ap50", "ap75", "ap_small", "ap_medium", "ap_large", "ar100"):
+        assert key in res["metrics"]
+    assert set(res["by_scale_type"]) <= {"small", "medium", "large"} and res["by_scale_type"]
+    gt = json.loads((tmp_path / "coco" / "gt.json").read_text())
+    assert len(gt["images"]) == n
+    assert len(gt["annotations"]) == sum(len(b) for b in Dataset(trained.data).gt_boxes.values())
+
+
+def test_evaluate_skips_and_counts_corrupt_frames(trained, tmp_path):
+    from detector.evaluation import evaluate
+    from detector.infer import load_detector
+    root = tmp_path / "ds"
+    shutil.copytree(trained.data / "annotations", root / "annotations")
+    shutil.copytree(trained.data / "query", root / "query")
+    frames = sorted(Dataset(root).gt_boxes)
+    bad = Dataset(root).query_frame_path(frames[0])
+    bad.write_bytes(b"not a jpeg")
+    Dataset(root).query_frame_path(frames[1]).unlink()
+    res = evaluate(Dataset(root), load_detector(trained.weights, conf=0.001), limit=6)
+    assert res["frames"] == 4 and res["problems"]["by_kind"] == {"corrupt_frame": 1, "missing_frame": 1}
+    with pytest.raises(BadInput, match="corrupt"):
+        evaluate(Dataset(root), load_detector(trained.weights), limit=6, problems=Problems(strict=True))
+
+
+def test_ap_agrees_with_ultralytics_validation(trained):
+    """Same images, rect=False letterbox, conf 0.001, IoU 0.7: pycocotools AP vs ultralytics' AP within 0.01.
+
+    Uses the bundled trained weights when present (meaningful AP), else the tiny test model.
+    """
+    from detector import yolo
+    from detector.dataset import build_yolo_dataset
+    from detector.evaluation import evaluate
+    from detector.infer import load_detector, load_torch_model
+    weights = BUNDLED if BUNDLED.is_file() else trained.weights
+    imgsz = 256 if weights == BUNDLED else IMGSZ
+    det = load_detector(weights, conf=0.001, imgsz=imgsz)
+    det.max_det = 300
+    ours = evaluate(Dataset(trained.data), det, batch=16)["metrics"]
+    data = build_yolo_dataset(Dataset(trained.data), workers=1)
+    model, _ = load_torch_model(weights)
+    theirs = yolo.ultralytics_val(model, data.yaml, imgsz=imgsz, batch=16)
+    assert ours["ap50"] == pytest.approx(theirs["ap50"], abs=0.01)
+    assert ours["ap"] == pytest.approx(theirs["ap"], abs=0.01)
+    if weights == BUNDLED:
+        assert ours["ap50"] > 0.3  # a trained model, so the comparison is not 0 == 0
+
+
+# -- export and backends ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("which", ["tiny", "bundled"])
+def test_onnx_export_parity(trained, tmp_path, which):
+    from detector import exporting
+    from detector.infer import load_detector
+    if which == "bundled" and not BUNDLED.is_file():
+        pytest.skip("no bundled weights/detector.safetensors")
+    weights = trained.weights if which == "tiny" else BUNDLED
+    out = tmp_path / "d.onnx"
+    res = exporting.export_onnx(weights, out, imgsz=160)
+    import onnx
+    proto = onnx.load(str(out))
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"  # dynamic batch axis
+    frames = _frames(trained.data, 4) + exporting.parity_frames(2)
+    conf = 0.01 if which == "tiny" else 0.25
+    p = exporting.parity(weights, out, imgsz=160, frames=frames, conf=conf)
+    assert p["boxes"] > 0, "parity needs boxes to compare"
+    assert p["count_mismatch"] == 0 and p["max_box_diff_px"] <= 1.0 and p["max_score_diff"] <= 1e-3, p
+    onnx_det = load_detector(out)
+    assert onnx_det.name == "onnxruntime" and onnx_det.backend.providers[-1] == "CPUExecutionProvider"
+    assert len(onnx_det.detect(frames * 3)) == len(frames) * 3  # batches larger than one run through
+    assert res["size_mb"] < 15
+
+
+def test_detect_api_shapes_and_batching(trained):
+    from detector import Detections, load_detector
+    det = load_detector(trained.weights, conf=0.01)
+    frames = _frames(trained.data, 3)
+    out = det.detect(frames)
+    assert len(out) == 3 and all(isinstance(d, Detections) for d in out)
+    for d, f in zip(out, frames):
+        assert d.xyxy.dtype == np.float32 and d.xyxy.shape == (len(d), 4) and d.scores.shape == (len(d),)
+        if len(d):
+            assert (d.xyxy[:, 2] >= d.xyxy[:, 0]).all() and d.xyxy[:, 2].max() <= f.shape[1]
+            assert (np.diff(d.scores) <= 0).all()
+    single = det.detect(frames[1:2])[0]
+    np.testing.assert_allclose(single.xyxy, out[1].xyxy, atol=1e-3)
+    assert det.detect([]) == []
+
+
+def test_ultralytics_pt_checkpoint_loads_through_restricted_loader(trained):
+    from detector import load_detector
+    det = load_detector(trained.run_dir / "weights" / "best.pt", conf=0.01, imgsz=IMGSZ)
+    assert det.name == "torch" and len(det.detect(_frames(trained.data, 1))) == 1
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/lpr-detector-pwned",))
+
+
+def test_wrong_or_unsafe_weights_are_refused(trained, tmp_path, capsys):
+    from detector import evaluation, load_detector
+    marker = Path("/tmp/lpr-detector-pwned")
+    marker.unlink(missing_ok=True)
+    evil = tmp_path / "evil.pt"
+    import torch
+    torch.save({"model": _Evil()}, evil)  # a pickle that would run a command when unpickled
+    with pytest.raises(BadInput, match="trust-pickle"):
+        load_detector(evil)
+    assert not marker.exists()
+    text = tmp_path / "notes.pt"
+    text.write_text("hello")
+    with pytest.raises(BadInput, match="not a PyTorch checkpoint"):
+        load_detector(text)
+    fake = tmp_path / "fake.safetensors"
+    fake.write_text("hello")
+    shutil.copy(trained.weights.with_suffix(".json"), fake.with_suffix(".json"))
+    with pytest.raises(BadInput, match="not a safetensors"):
+        load_detector(fake)
+    # a retriever-like checkpoint: valid safetensors, other kind of config
+    from safetensors.torch import save_file
+    other = tmp_path / "retriever.safetensors"
+    save_file({"w": torch.zeros(2)}, str(other))
+    (tmp_path / "retriever.json").write_text(json.dumps({"backbone": "x", "embed_dim": 8}))
+    with pytest.raises(BadInput, match="not a detector config"):
+        load_detector(other)
+    # right kind of config, wrong tensors
+    shutil.copy(trained.weights.with_suffix(".json"), other.with_suffix(".json"))
+    with pytest.raises(BadInput, match="do not fit"):
+        load_detector(other)
+    assert run_main(evaluation.main, ["--data", str(trained.data), "--weights", str(evil)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "evil.pt" in err and "Traceback" not in err
+    assert zipfile.is_zipfile(evil) and not marker.exists()
+
+
+def test_engine_export_without_gpu_exits_2(trained, tmp_path, capsys):
+    from detector import exporting
+    ok, _ = exporting.tensorrt_available()
+    if ok:
+        pytest.skip("TensorRT and a GPU are present: the engine is built by the gpu test")
+    rc = run_main(exporting.main, ["--weights", str(trained.weights), "--format", "engine",
+                                   "--out", str(tmp_path / "d.engine")])
+    assert rc == 2 and "TensorRT engines need an NVIDIA GPU" in capsys.readouterr().err
+    assert not (tmp_path / "d.engine").exists()
+
+
+@pytest.mark.gpu
+def test_engine_build_and_detect(trained, tmp_path):
+    from detector import exporting, load_detector
+    ok, why = exporting.tensorrt_available()
+    if not ok:
+        pytest.skip(f"TensorRT engine test needs TensorRT and an NVIDIA GPU: {why}")
+    res = exporting.export_engine(trained.weights, tmp_path / "d.engine", imgsz=160, max_batch=4)
+    det = load_detector(res["output"], device="0", conf=0.05)
+    ref = load_detector(trained.weights, conf=0.05, imgsz=160)
+    frames = _frames(trained.data, 4)
+    a, b = det.detect(frames), ref.detect(frames)
+    assert [len(x) for x in a] == [len(x) for x in b]
+
+
+@pytest.mark.parametrize("script", ["train", "evaluate", "export", "bench"])
+def test_scripts_run_from_repo_root(script):
+    r = subprocess.run([sys.executable, f"detector/{script}.py", "--help"], cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and "usage:" in r.stdout

@@ -1,0 +1,281 @@
+"""Gallery index: faiss search vs brute force, add/remove without rebuild, atomic save, embedder mismatch, CLI.
+
+Models are made inside the session (a small real embedder, an untrained YOLO), so nothing here depends on the
+bundled weights being good. Helpers ``tiny_embedder_weights`` / ``untrained_detector_weights`` are reused by
+tests/test_pipeline_run.py.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lpr4m.errors import BadInput
+
+
+# -- shared model helpers (memoised on disk under the session's base temp dir) -------------------------------
+def tiny_embedder_weights(base: Path, seed: int = 0, embed_dim: int = 32) -> Path:
+    """A real retriever embedder (EfficientNet-Lite0 trunk, random projection) at 64 px: fast, deterministic."""
+    path = base / f"emb-{seed}-{embed_dim}" / "retriever.safetensors"
+    if path.is_file():
+        return path
+    import torch
+    from retriever.config import EmbedderConfig
+    from retriever.embedder import save_checkpoint
+    from retriever.models import create_embedder
+    torch.manual_seed(seed)
+    model, _ = create_embedder("efficientnet_lite0", pretrained=False, embed_dim=embed_dim)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(model, EmbedderConfig(backbone="efficientnet_lite0", embed_dim=embed_dim, input_size=64,
+                                          training_command="tests: untrained"), path)
+    return path
+
+
+def untrained_detector_weights(base: Path) -> Path:
+    """An untrained YOLO11n at 160 px in the detector's own format (its scores are a constant ~0.012)."""
+    path = base / "det" / "detector.safetensors"
+    if path.is_file():
+        return path
+    from safetensors.torch import save_file
+    from detector import yolo
+    from detector.config import DetectorConfig
+    y = yolo.model_yaml("yolo11n.yaml", 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(yolo.state_dict_for_saving(yolo.build_model(y, 1)), str(path))
+    DetectorConfig(model="yolo11n.yaml", model_yaml=y, imgsz=160, sha256=yolo.sha256_file(path),
+                   made_by="tests: untrained").save(path.with_suffix(".json"))
+    return path
+
+
+@pytest.fixture(scope="session")
+def emb_weights(tmp_path_factory) -> Path:
+    return tiny_embedder_weights(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(scope="session")
+def other_emb_weights(tmp_path_factory) -> Path:
+    return tiny_embedder_weights(tmp_path_factory.getbasetemp(), seed=1)
+
+
+@pytest.fixture(scope="session")
+def embedder(emb_weights):
+    from retriever.embedder import load_embedder
+    return load_embedder(emb_weights)
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LPR_CACHE_DIR", str(tmp_path / "cache"))
+
+
+# -- pure index behaviour on raw vectors ---------------------------------------------------------------------
+def _items(n, views=2, lives=("liveA", "liveB")):
+    from pipeline.gallery import GalleryItem
+    return [GalleryItem(f"img{i // views}", i % views, lives[(i // views) % len(lives)], f"title {i // views}",
+                        f"p{i}.jpg") for i in range(n)]
+
+
+def _clustered(n, d=32, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((max(1, n // 2), d))
+    x = centres[np.arange(n) // 2] + 0.05 * rng.standard_normal((n, d))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x.astype(np.float32)
+
+
+def _brute(x, items, q, k, live=None):
+    """Reference: cosine to every view, best view per image id, ranked (ties by id order)."""
+    s = q @ x.T
+    best = {}
+    for j, it in enumerate(items):
+        if live is not None and it.live_id != live:
+            continue
+        if it.image_id not in best or s[j] > best[it.image_id]:
+            best[it.image_id] = float(s[j])
+    return sorted(best.items(), key=lambda kv: -kv[1])[:k]
+
+
+def test_flat_search_matches_brute_force():
+    from pipeline.gallery import GalleryIndex
+    x = _clustered(40)
+    items = _items(40)
+    gi = GalleryIndex.from_vectors(x, items, {"fingerprint": "fp", "name": "t"})
+    q = _clustered(6, seed=3)
+    for live in (None, "liveA", "liveB"):
+        for row, qq in zip(gi.search(q, 5, live_id=live), q):
+            ref = _brute(x, items, qq, 5, live)
+            assert [m.image_id for m in row] == [i for i, _ in ref]
+            np.testing.assert_allclose([m.score for m in row], [s for _, s in ref], atol=1e-5)
+            assert len({m.image_id for m in row}) == len(row)  # one hit per product, best view
+            assert live is None or all(m.live_id == live for m in row)
+    assert gi.search(q[:1], 3, live_id="nope") == [[]]
+
+
+def test_ivfpq_trains_or_falls_back_and_hnsw_agrees(caplog):
+    from pipeline.gallery import MIN_IVFPQ_TRAIN, GalleryIndex
+    small = GalleryIndex.from_vectors(_clustered(20), _items(20), {"fingerprint": "fp"}, index_type="ivfpq")
+    assert small.index_type == "flat" and small.meta["requested_type"] == "ivfpq"
+    assert "IVF-PQ needs at least" in caplog.text
+    n = MIN_IVFPQ_TRAIN + 200
+    x = _clustered(n, d=32)
+    items = _items(n)
+    ivf = GalleryIndex.from_vectors(x, items, {"fingerprint": "fp"}, index_type="ivfpq")
+    assert ivf.index_type == "ivfpq" and ivf.meta["factory"].startswith("IVF")
+    hn = GalleryIndex.from_vectors(x, items, {"fingerprint": "fp"}, index_type="hnsw")
+    q = x[::50]  # every query's own product is its nearest neighbour
+    truth = [items[i].image_id for i in range(0, n, 50)]
+    ivf_hits = np.mean([r[0].image_id == t for r, t in zip(ivf.search(q, 1), truth)])
+    hn_hits = np.mean([r[0].image_id == t for r, t in zip(hn.search(q, 1), truth)])
+    assert hn_hits == 1.0
+    assert ivf_hits >= 0.8  # approximate by design (PQ codes)
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivfpq"])
+def test_remove_add_save_load(tmp_path, kind):
+    from pipeline.gallery import MIN_IVFPQ_TRAIN, GalleryIndex
+    n = MIN_IVFPQ_TRAIN + 40 if kind == "ivfpq" else 40
+    x = _clustered(n)
+    items = _items(n)
+    gi = GalleryIndex.from_vectors(x, items, {"fingerprint": "fp"}, index_type=kind)
+    removed, unknown = gi.remove(["img3", "img5-1", "nope"])
+    assert (removed, unknown) == (3, ["nope"])
+    assert gi.ntotal == n - 3 == len(gi.meta["ids"])
+    hits = gi.search(x[6:8], 3)  # img3's own vectors: img3 must be gone
+    assert all(m.image_id != "img3" for row in hits for m in row)
+    assert "img3" not in gi.image_ids and "img3" not in gi.meta["titles"]
+    gi.save(tmp_path / "idx")
+    back = GalleryIndex.load(tmp_path / "idx")
+    assert back.ntotal == gi.ntotal and back.index_type == kind
+    assert [m.image_id for m in back.search(x[:1], 3)[0]] == [m.image_id for m in gi.search(x[:1], 3)[0]]
+    # re-adding replaces nothing else and gets fresh ids
+    back.add_vectors(x[6:8], items[6:8])
+    assert back.search(x[6:7], 1)[0][0].image_id == "img3"
+    assert len(set(back.meta["ids"])) == back.ntotal == n - 1
+    back.add_vectors(x[6:8], items[6:8])  # same keys again: replaced, not duplicated
+    assert back.ntotal == n - 1
+
+
+def test_save_is_atomic_and_load_checks_integrity(tmp_path, monkeypatch):
+    from pipeline import gallery as G
+    gi = G.GalleryIndex.from_vectors(_clustered(10), _items(10), {"fingerprint": "fp"})
+    out = gi.save(tmp_path / "idx")
+    before = (out / "meta.json").read_bytes()
+    gi.remove(["img0"])
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(G, "write_json", boom)
+    with pytest.raises(OSError):
+        gi.save(out)
+    monkeypatch.undo()
+    assert (out / "meta.json").read_bytes() == before  # old pair intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]  # no temp folders left
+    assert G.GalleryIndex.load(out).ntotal == 10
+    # a changed index file is caught by its sha256
+    (out / "index.faiss").write_bytes((out / "index.faiss").read_bytes()[:-8])
+    with pytest.raises(BadInput, match="does not match its meta.json"):
+        G.GalleryIndex.load(out)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(BadInput, match="not a gallery index folder"):
+        gi.save(tmp_path / "file")
+    with pytest.raises(BadInput, match="index not found"):
+        G.GalleryIndex.load(tmp_path / "missing")
+
+
+# -- with a real embedder and the CLI --------------------------------------------------------------------------
+def _run(main, argv, capsys):
+    from lpr4m.cli import run_main
+    code = run_main(main, [str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_index_cli_build_add_remove_mismatch(lpr4m_mini, emb_weights, other_emb_weights, embedder, tmp_path,
+                                            capsys):
+    from lpr4m.images import load_rgb
+    from lpr4m.layout import Dataset
+    from pipeline.gallery import GalleryIndex
+    from pipeline.index import main
+    ds = Dataset(lpr4m_mini)
+    lives = sorted(ds.live_galleries)
+    out = tmp_path / "idx"
+    code, stdout, err = _run(main, ["--gallery", lpr4m_mini, "--live", lives[0], "--out", out,
+                                    "--weights", emb_weights], capsys)
+    assert code == 0, err
+    summary = json.loads(stdout)
+    first = ds.gallery(lives[0])
+    assert summary["built"] == len(first) == summary["ntotal"]
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["embedder"]["fingerprint"] == embedder.fingerprint
+    assert meta["embedder"]["sha256"] == embedder.config.sha256
+    assert meta["dim"] == 32 and meta["metric"] == "inner_product" and meta["factory"] == "IDMap2,Flat"
+    assert set(meta["live_ids"]) == {lives[0]} and all(not Path(p).is_absolute() for p in meta["paths"])
+    assert meta["titles"] and set(meta["titles"]) <= set(ds.titles)
+
+    # search == brute force over the same embedder's gallery vectors
+    gi = GalleryIndex.load(out, embedder)
+    gx = embedder.embed([load_rgb(p) for _, _, p in first])
+    q = embedder.embed([load_rgb(ds.test_clips()[0].frame_paths[0])])[0]
+    ref = _brute(gx, [type("I", (), {"image_id": i, "live_id": lives[0]}) for i, _, _ in first], q, 3)
+    got = gi.search(q[None], 3)[0]
+    assert [m.image_id for m in got] == [i for i, _ in ref]
+    np.testing.assert_allclose([m.score for m in got], [s for _, s in ref], atol=1e-4)
+
+    # --add the other live's gallery folder, then --remove one product
+    code, stdout, err = _run(main, ["--add", lpr4m_mini / "gallery" / lives[1], "--out", out,
+                                    "--weights", emb_weights], capsys)
+    assert code == 0, err
+    second = ds.gallery(lives[1])
+    assert json.loads(stdout)["ntotal"] == len(first) + len(second)
+    victim = second[0][0]
+    code, stdout, err = _run(main, ["--remove", victim, "--out", out], capsys)
+    assert code == 0, err
+    n_views = sum(1 for i, _, _ in second if i == victim)
+    assert json.loads(stdout)["removed"] == n_views
+    assert victim not in GalleryIndex.load(out).image_ids
+    code, _, err = _run(main, ["--remove", "no-such-id", "--out", out], capsys)
+    assert code == 2 and err.startswith("error:") and len(err.strip().splitlines()) == 1
+
+    # another embedder is refused, with a one-line message, and the index is left as it was
+    before = (out / "meta.json").read_bytes()
+    code, _, err = _run(main, ["--add", lpr4m_mini / "gallery" / lives[1], "--out", out,
+                               "--weights", other_emb_weights], capsys)
+    assert code == 2 and "index was built with embedder" in err and len(err.strip().splitlines()) == 1
+    assert (out / "meta.json").read_bytes() == before
+
+
+def test_index_cli_bad_galleries(tmp_path, emb_weights, lpr4m_mini, capsys):
+    from pipeline.index import main
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = _run(main, ["--gallery", empty, "--out", tmp_path / "o1", "--weights", emb_weights], capsys)
+    assert code == 2 and "no shop images found" in err
+    assert not (tmp_path / "o1").exists()
+    # two good images, one corrupt and one empty file: skipped and listed; --strict makes it fatal
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    live = next((lpr4m_mini / "gallery").iterdir())
+    for p in sorted(live.iterdir())[:2]:
+        shutil.copy(p, mixed / p.name)
+    (mixed / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (mixed / "empty.png").write_bytes(b"")
+    code, stdout, err = _run(main, ["--gallery", mixed, "--out", tmp_path / "o2", "--weights", emb_weights],
+                             capsys)
+    assert code == 0, err
+    res = json.loads(stdout)
+    assert res["ntotal"] == 2 and res["problems"]["total"] == 2
+    assert any("broken.jpg" in m for m in res["problems"]["messages"])
+    assert any("empty.png" in m for m in res["problems"]["messages"])
+    code, _, err = _run(main, ["--gallery", mixed, "--out", tmp_path / "o3", "--weights", emb_weights,
+                               "--strict"], capsys)
+    assert code == 2 and err.startswith("error:") and not (tmp_path / "o3").exists()
+    only_bad = tmp_path / "bad"
+    only_bad.mkdir()
+    (only_bad / "x.jpg").write_bytes(b"garbage")
+    code, _, err = _run(main, ["--gallery", only_bad, "--out", tmp_path / "o4", "--weights", emb_weights], capsys)
+    assert code == 2 and "could be read" in err and not (tmp_path / "o4").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
