@@ -291,10 +291,11 @@ def load_torch_model(weights, trust_pickle: bool = False):
     if weights.suffix == ".pt":
         model = yolo.load_ultralytics_checkpoint(weights, trust_pickle=trust_pickle)
         names = model.names if isinstance(model.names, dict) else dict(enumerate(model.names))
-        cfg = DetectorConfig(model=str(model.yaml.get("yaml_file", "")), model_yaml=yolo.model_yaml(model.yaml,
-                             len(names)), nc=len(names), names=[names[i] for i in sorted(names)],
-                             imgsz=int(getattr(model, "args", {}).get("imgsz", 640) or 640)
-                             if isinstance(getattr(model, "args", None), dict) else 640,
+        train_args = getattr(model, "args", None)
+        imgsz = train_args.get("imgsz", 640) if isinstance(train_args, dict) else 640
+        cfg = DetectorConfig(model=str(model.yaml.get("yaml_file", "")), nc=len(names),
+                             model_yaml=yolo.model_yaml(model.yaml, len(names)),
+                             names=[names[i] for i in sorted(names)], imgsz=int(imgsz if isinstance(imgsz, int) else 640),
                              stride=int(max(model.stride)), source=str(weights), sha256=yolo.sha256_file(weights),
                              ultralytics_version=yolo.version())
         return model, cfg

@@ -24,14 +24,14 @@ logger = logging.getLogger(__name__)
 # Presets: "cpu" is sized for a demo dataset on a laptop (<= 15 min on 2 cores); "gpu" for LPR4M on GPUs.
 PRESETS: dict[str, dict] = {
     "cpu": dict(model="yolo11n.yaml", epochs=12, imgsz=256, batch=16, device="cpu", workers=2, patience=100,
-                close_mosaic=3, cache="ram", warmup_epochs=1.0, frames_per_clip=3),
+                close_mosaic=3, cache="ram", warmup_epochs=1.0, frames_per_clip=3, hours=0.22, val=False),
     "gpu": dict(model="yolo11s.yaml", epochs=60, imgsz=640, batch=64, device="0", workers=8, patience=20,
-                close_mosaic=10, cache=False, warmup_epochs=3.0, frames_per_clip=None),
+                close_mosaic=10, cache=False, warmup_epochs=3.0, frames_per_clip=None, hours=None, val=True),
     "tiny": dict(model="yolo11n.yaml", epochs=2, imgsz=128, batch=8, device="cpu", workers=0, patience=100,
-                 close_mosaic=0, cache=False, warmup_epochs=0.0, frames_per_clip=None),
+                 close_mosaic=0, cache=False, warmup_epochs=0.0, frames_per_clip=None, hours=None, val=True),
 }
 KNOBS = ("model", "epochs", "imgsz", "batch", "device", "workers", "patience", "close_mosaic", "cache", "warmup_epochs",
-         "frames_per_clip")
+         "frames_per_clip", "hours")
 LOG_EVERY = 20  # batches between training log lines
 
 
@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--workers", type=int)
     m.add_argument("--patience", type=int)
     m.add_argument("--warmup-epochs", type=float)
+    m.add_argument("--hours", type=float, help="wall-time budget: ultralytics fits the epochs into it (overrides "
+                                               "--epochs); the cpu preset uses 0.22 h")
     m.add_argument("--seed", type=int, default=0)
     o = p.add_argument_group("output")
     o.add_argument("--name", default="yolo", help="run name suffix (folder: <runs-dir>/<timestamp>-<name>)")
@@ -144,6 +146,10 @@ def _callbacks(run_dir_holder: dict, extra: dict | None) -> dict[str, list[Calla
         if trainer.epoch >= trainer.epochs:  # ultralytics' final validation of best.pt, not an epoch
             return
         m = trainer.metrics or {}
+        if not trainer.args.val and trainer.epoch + 1 < trainer.epochs:
+            logger.info("epoch %d/%d  loss %.4g (validation only after the last epoch: val=False)", trainer.epoch + 1,
+                        trainer.epochs, _total(trainer.tloss))
+            return
         logger.info("epoch %d/%d  mAP50 %.4f  mAP50-95 %.4f", trainer.epoch + 1, trainer.epochs,
                     m.get("metrics/mAP50(B)", float("nan")), m.get("metrics/mAP50-95(B)", float("nan")))
 
@@ -249,7 +255,8 @@ def train(args: argparse.Namespace, callbacks: dict | None = None) -> dict:
         cpu = knobs["device"] == "cpu"
         overrides = dict(epochs=knobs["epochs"], imgsz=knobs["imgsz"], batch=knobs["batch"], device=knobs["device"],
                          workers=knobs["workers"], patience=knobs["patience"], close_mosaic=knobs["close_mosaic"],
-                         cache=knobs["cache"], warmup_epochs=knobs["warmup_epochs"], seed=args.seed, amp=not cpu, deterministic=False, plots=False)
+                         cache=knobs["cache"], warmup_epochs=knobs["warmup_epochs"], seed=args.seed,
+                         time=knobs["hours"], val=knobs["val"], amp=not cpu, deterministic=False, plots=False)
         data_info = {"root": str(ds.root.resolve()), "cache": str(data.root), "train": data.manifest["train"],
                      "val": data.manifest["val"], "problems": data.manifest["problems"]}
         write_json(run_dir / "config.json", {"knobs": knobs, "start_weights": start, "preset": args.preset,

@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -70,7 +71,14 @@ def ul():
     if not _READY:
         _prepare_environment()
         import ultralytics
-        from ultralytics.utils import SETTINGS
+        from ultralytics.utils import SETTINGS, patches
+        # ultralytics replaces PIL's Image.open process-wide with one that, on an unreadable image, tries to
+        # install and import pi-heif; mark that done so corrupt frames stay a plain UnidentifiedImageError
+        patches._pil_plugins_registered = True
+        # our commands print their JSON result on stdout: ultralytics' log lines go to stderr instead
+        for handler in logging.getLogger("ultralytics").handlers:
+            if isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) is sys.stdout:
+                handler.setStream(sys.stderr)
         wanted = {"datasets_dir": str(cache_root() / "detector-data"), "runs_dir": str(REPO_ROOT / "runs"),
                   "weights_dir": str(cache_root() / "ultralytics-weights"), "sync": False, "clearml": False,
                   "comet": False, "dvc": False, "mlflow": False, "raytune": False, "tensorboard": False,
@@ -124,7 +132,6 @@ def build_model(yaml: dict, nc: int = 1, names: list[str] | None = None):
 
 def state_dict_for_saving(model, half: bool = True) -> dict:
     """A plain tensor dict (fp16 floats keep the default weights small; ints such as BN counters stay exact)."""
-    import torch
     out = {}
     for k, v in model.state_dict().items():
         v = v.detach().to("cpu").contiguous().clone()
@@ -135,7 +142,7 @@ def state_dict_for_saving(model, half: bool = True) -> dict:
 
 
 def load_state(model, state: dict, path) -> None:
-    import torch
+    """Load a tensor dict into ``model``, refusing any missing, extra or mis-shaped tensor with one clear line."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -146,7 +153,6 @@ def load_state(model, state: dict, path) -> None:
                              f"e.g. {(missing + unexpected + bad_shape)[:2]})")
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
     model.float()
-    del torch
 
 
 def inference_model(model):
@@ -285,7 +291,8 @@ def train(model: str, data_yaml: Path, project: Path, name: str, overrides: dict
     for event, fns in (callbacks or {}).items():
         for fn in fns:
             yolo.add_callback(event, fn)
-    yolo.train(**args)
+    with contextlib.redirect_stdout(sys.stderr):  # progress bars and prints: keep stdout for our JSON
+        yolo.train(**args)
     return Path(yolo.trainer.save_dir)
 
 
@@ -297,7 +304,8 @@ def ultralytics_val(model, data_yaml: Path, imgsz: int, batch: int = 8, device: 
     args = dict(data=str(data_yaml), imgsz=imgsz, batch=batch, device=device, conf=conf, iou=iou, rect=False,
                 plots=False, save_json=False, verbose=False, workers=0, split="val", half=False)
     validator = DetectionValidator(args=args)
-    metrics = validator(model=model)
+    with contextlib.redirect_stdout(sys.stderr):
+        metrics = validator(model=model)
     return {"ap": float(metrics["metrics/mAP50-95(B)"]), "ap50": float(metrics["metrics/mAP50(B)"])}
 
 

@@ -329,8 +329,22 @@ def _save_jpeg(path: Path, rgb: np.ndarray, quality: int) -> int:
     return 1
 
 
+_BT601 = np.array([[0.257, 0.504, 0.098], [-0.148, -0.291, 0.439], [0.439, -0.368, -0.071]], np.float32)
+
+
+def rgb_to_i420(rgb: np.ndarray) -> np.ndarray:
+    """BT.601 limited-range YUV 4:2:0 planes (Y, U, V) as one flat uint8 array: what decoders assume for SD."""
+    h, w = rgb.shape[:2]
+    x = rgb.astype(np.float32)
+    y = x @ _BT601[0] + 16
+    sub = x.reshape(h // 2, 2, w // 2, 2, 3).mean(axis=(1, 3))
+    u = sub @ _BT601[1] + 128
+    v = sub @ _BT601[2] + 128
+    return np.concatenate([np.clip(np.rint(p), 0, 255).astype(np.uint8).reshape(-1) for p in (y, u, v)])
+
+
 class Mp4Writer:
-    """H.264 (libx264, yuv420p) through PyAV; single threaded so bytes repeat for a seed."""
+    """H.264 (libx264, yuv420p, B-frames) through PyAV; single threaded so bytes repeat for a seed."""
 
     def __init__(self, path: Path, size_wh, fps: int):
         import av
@@ -340,12 +354,21 @@ class Mp4Writer:
         self.stream.width, self.stream.height = size_wh
         self.stream.pix_fmt = "yuv420p"
         self.stream.codec_context.thread_count = 1
-        self.stream.options = {"crf": "20", "preset": "veryfast", "threads": "1"}
+        # mbtree off: with it, this x264 build's output depended on heap contents (same frames, other bytes)
+        self.stream.options = {"crf": "20", "preset": "veryfast", "threads": "1", "x264-params": "mbtree=0"}
         self._av = av
         self.n = 0
 
     def write(self, rgb: np.ndarray) -> None:
-        frame = self._av.VideoFrame.from_ndarray(rgb, format="rgb24")
+        # convert in numpy rather than in FFmpeg's (threaded) swscale, into a frame that owns its memory
+        yuv = rgb_to_i420(rgb)
+        w, h = self.stream.width, self.stream.height
+        frame = self._av.VideoFrame(w, h, "yuv420p")
+        ends = np.cumsum([0, w * h, w * h // 4, w * h // 4])
+        for plane, a, b in zip(frame.planes, ends[:-1], ends[1:]):
+            if plane.line_size * plane.height != b - a:
+                raise RuntimeError(f"unexpected padded {plane.line_size}-byte rows for a {w}x{h} frame")
+            plane.update(yuv[a:b].tobytes())
         frame.pts = self.n
         for packet in self.stream.encode(frame):
             self.container.mux(packet)

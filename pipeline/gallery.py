@@ -25,7 +25,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from lpr4m.errors import BadInput, Problems
-from lpr4m.ids import IMAGE_SUFFIXES, GALLERY_NAME_RE, IMAGE_ID_RE
+from lpr4m.ids import GALLERY_NAME_RE, IMAGE_ID_RE, IMAGE_SUFFIXES, LIVE_ID_RE
 from lpr4m.io import atomic_path, read_json, write_json
 
 logger = logging.getLogger(__name__)
@@ -107,13 +107,20 @@ def collect_folder(folder: Path) -> list[GalleryItem]:
             titles.update(_read_titles_file(folder / name))
     for p in sorted(folder.glob("test_image_title*.txt")):
         titles.update(_read_titles_file(p))
+    # a live's folder inside an LPR4M root (ROOT/gallery/<live_id>) or ROOT/gallery: titles are in annotations/
+    for root in (folder.parent.parent, folder.parent):
+        if (root / "gallery").is_dir() and (root / "annotations").is_dir() and folder.resolve().is_relative_to(
+                (root / "gallery").resolve()):
+            from lpr4m.layout import Dataset
+            titles = {**Dataset(root).titles, **titles}
+            break
     items = []
     for p in sorted(folder.rglob("*")):
         if p.suffix.lower() not in IMAGE_SUFFIXES or not p.is_file() or p.name.startswith("."):
             continue
         image_id, view = _name_to_id(p.stem)
         rel = p.relative_to(folder)
-        live_id = rel.parts[0] if len(rel.parts) > 1 else ""
+        live_id = rel.parts[0] if len(rel.parts) > 1 else (folder.name if LIVE_ID_RE.match(folder.name) else "")
         items.append(GalleryItem(image_id, view, live_id, titles.get(image_id, titles.get(p.stem, "")),
                                  rel.as_posix()))
     return items
@@ -193,9 +200,23 @@ def embedder_info(embedder) -> dict:
     cfg = getattr(embedder, "config", None)
     get = (lambda k: getattr(cfg, k, None)) if cfg is not None and not isinstance(cfg, dict) else \
         (lambda k: (cfg or {}).get(k))
+    extra = get("extra") or {}
     return {"fingerprint": str(embedder.fingerprint), "name": get("backbone") or type(embedder).__name__,
-            "sha256": get("sha256"), "embed_dim": get("embed_dim"),
-            "weights": str(getattr(embedder, "weights_path", "") or "")}
+            "sha256": get("sha256"), "source_sha256": extra.get("source_sha256") if isinstance(extra, dict) else None,
+            "embed_dim": get("embed_dim"), "weights": str(getattr(embedder, "weights_path", "") or "")}
+
+
+def same_embedder(a: dict, b: dict) -> bool:
+    """Same fingerprint, or the same checkpoint in another runtime: an ONNX/TensorRT export (parity-checked by
+    the export command) records its source's sha256, and the preprocessing part of the fingerprint must agree."""
+    if a["fingerprint"] == b["fingerprint"]:
+        return True
+    pre_a, pre_b = a["fingerprint"].rsplit("-", 1)[0], b["fingerprint"].rsplit("-", 1)[0]
+    if pre_a != pre_b:
+        return False
+    sha_a = {a.get("sha256"), a.get("source_sha256")} - {None, ""}
+    sha_b = {b.get("sha256"), b.get("source_sha256")} - {None, ""}
+    return bool(sha_a & sha_b)
 
 
 def embed_items(embedder, root: Path, items: Sequence[GalleryItem], problems: Problems, batch_size: int = 32,
@@ -462,7 +483,7 @@ class GalleryIndex:
         """Refuse a query embedder that is not the one the index was built with (vectors would be meaningless)."""
         mine = self.meta["embedder"]
         theirs = embedder_info(embedder)
-        if theirs["fingerprint"] != mine["fingerprint"]:
+        if not same_embedder(mine, theirs):
             raise BadInput(self.path, (
                 f"index was built with embedder {mine.get('name')} [{mine['fingerprint'][:16]}] but the query "
                 f"embedder is {theirs.get('name')} [{theirs['fingerprint'][:16]}]; rebuild it with "

@@ -5,9 +5,9 @@ bundled weights have not seen them -- and copies its gallery (all views) with ti
 clips and their answers:
 
     demo/gallery/<image_id>-<view>.jpg, demo/gallery/titles.txt
-    demo/clips/<video_id>.mp4, demo/answers.json ({video_id: {"image_ids": [...], "titles": [...]}})
+    demo/clips/demo-N.mp4, demo/answers.json ({"demo-N.mp4": {"video_id", "image_ids", "titles"}}), README.md
 
-By default the dataset is ``python -m lpr4m synth --preset demo --seed 0`` (the one the bundled weights were
+By default the dataset is ``python -m lpr4m synth OUT --preset demo --seed 1`` (the one the bundled detector was
 trained on), synthesized into a temporary folder; ``--data ROOT`` uses an existing one. The new ``demo/`` is
 written next to the old one and swapped in, so an interrupted run leaves the old demo intact.
 """
@@ -48,24 +48,29 @@ split, so the bundled weights (`weights/`) have not seen these products.
 
 
 def pick_live(ds, n_clips: int) -> tuple[str, list[str]]:
-    """The test live with the most clips that show different products (first such live wins ties)."""
+    """The test live with ``n_clips`` clips of different products that take the fewest bytes (demo/ stays small)."""
     from lpr4m.ids import parse_video_id
     by_live: dict[str, list[str]] = {}
-    for video_id, gt in ds.gt_images.items():
-        live = parse_video_id(video_id).live_id
-        by_live.setdefault(live, []).append(video_id)
-    best = None
+    for video_id in ds.gt_images:
+        if (ds.root / "clips" / f"{video_id}.mp4").is_file():
+            by_live.setdefault(parse_video_id(video_id).live_id, []).append(video_id)
+    best, best_key = None, None
     for live in sorted(by_live):
         chosen, seen = [], set()
-        for vid in sorted(by_live[live]):
+        for vid in sorted(by_live[live], key=lambda v: ((ds.root / "clips" / f"{v}.mp4").stat().st_size, v)):
             first = ds.gt_images[vid][0] if ds.gt_images[vid] else None
-            if first in seen or not (ds.root / "clips" / f"{vid}.mp4").is_file():
+            if first is None or first in seen:
                 continue
             seen.add(first)
             chosen.append(vid)
-        if best is None or len(chosen[:n_clips]) > len(best[1]):
-            best = (live, chosen[:n_clips])
-    if best is None or not best[1]:
+            if len(chosen) == n_clips:
+                break
+        size = sum((ds.root / "clips" / f"{v}.mp4").stat().st_size for v in chosen) + sum(
+            p.stat().st_size for _, _, p in ds.gallery(live))
+        key = (-len(chosen), size)
+        if chosen and (best_key is None or key < best_key):
+            best, best_key = (live, sorted(chosen)), key
+    if best is None:
         raise BadInput(ds.root, "no test live with clips (expected clips/<video_id>.mp4 as lpr4m synth writes)")
     return best
 
@@ -96,15 +101,16 @@ def write_demo(ds, out: Path, n_clips: int = 3) -> dict:
         (tmp / "gallery" / "titles.txt").write_text("".join(f"{i}\t{titles.get(i, '')}\n" for i in ids),
                                                      encoding="utf-8")
         answers = {}
-        for vid in videos:
-            shutil.copyfile(ds.root / "clips" / f"{vid}.mp4", tmp / "clips" / f"{vid}.mp4")
+        for n, vid in enumerate(videos, 1):
+            name = f"demo-{n}.mp4"
+            shutil.copyfile(ds.root / "clips" / f"{vid}.mp4", tmp / "clips" / name)
             gt = ds.gt_images[vid]
-            answers[vid] = {"image_ids": gt, "titles": [titles.get(i, "") for i in gt]}
+            answers[name] = {"video_id": vid, "image_ids": gt, "titles": [titles.get(i, "") for i in gt]}
         write_json(tmp / "answers.json", {"live_id": live, "clips": answers})
-        lines = [f"- `clips/{vid}.mp4`: {', '.join(a['titles']) or ', '.join(a['image_ids'])}"
-                 for vid, a in answers.items()]
+        lines = [f"  - `clips/{name}` ({a['video_id']}): {', '.join(a['titles']) or ', '.join(a['image_ids'])}"
+                 for name, a in answers.items()]
         (tmp / "README.md").write_text(README.format(n=len(ids), views=len(gallery), clips="\n".join(lines),
-                                                     first=videos[0], source=synth_command(ds.root)),
+                                                     first="demo-1", source=synth_command(ds.root)),
                                        encoding="utf-8")
         size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
         if size > MAX_BYTES:
@@ -129,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", help="a synthesized LPR4M root (default: synthesize --preset demo into a temp folder)")
     p.add_argument("--preset", default="demo")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=1)
     p.add_argument("--clips", type=int, default=3, help="demo clips to bundle")
     p.add_argument("--out", default=str(DEMO_DIR), help="demo folder to (re)write")
     p.add_argument("-v", "--verbose", action="store_true")

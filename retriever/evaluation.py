@@ -201,6 +201,17 @@ def write_rankings(path, qs: QuerySet, rankings: dict, k: int) -> None:
                 f.write(json.dumps(rec) + "\n")
 
 
+def frozen_embedder(backbone: str, input_size: int | None = None, device: str = "cpu"):
+    """An Embedder on a pretrained backbone's pooled features, no projection (the "frozen ImageNet" row)."""
+    from retriever.config import EmbedderConfig
+    from retriever.embedder import Embedder, TorchBackend
+    from retriever.models import create_embedder
+    model, spec = create_embedder(backbone, pretrained=True, embed_dim=0)
+    config = EmbedderConfig(backbone=backbone, embed_dim=model.embed_dim, input_size=input_size or spec.input_size,
+                            mean=spec.mean, std=spec.std, sha256="pretrained")
+    return Embedder(TorchBackend(model, device), config)
+
+
 def _default_detector_weights() -> Path | None:
     root = Path(__file__).resolve().parents[1] / "weights"
     for name in ("detector.safetensors", "detector.pt", "detector.onnx"):
@@ -223,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="retriever/evaluate.py", description=__doc__.split("\n")[0])
     p.add_argument("--data", required=True, help="LPR4M root with a test split")
     p.add_argument("--weights", default=str(DEFAULT_WEIGHTS), help=".safetensors / .onnx / .engine embedder")
+    p.add_argument("--frozen-backbone", default=None,
+                   help="instead of --weights: the pretrained backbone's own pooled features (a baseline)")
+    p.add_argument("--input-size", type=int, default=None, help="with --frozen-backbone (default: its own)")
     p.add_argument("--crops", choices=CROP_MODES + ("auto",), default="auto",
                    help="what is embedded: ground-truth crops, detector crops or full frames "
                         "(auto: gt when the split has boxes)")
@@ -250,7 +264,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.verbose)
     from retriever.embedder import load_embedder
     ds = Dataset(args.data)
-    embedder = load_embedder(args.weights, device=args.device)
+    if args.frozen_backbone:
+        embedder = frozen_embedder(args.frozen_backbone, args.input_size, args.device)
+        args.weights = f"frozen:{args.frozen_backbone}"
+    else:
+        embedder = load_embedder(args.weights, device=args.device)
     crops = args.crops
     if crops == "auto":
         crops = "gt" if ds.gt_boxes else "none"

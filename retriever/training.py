@@ -369,6 +369,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg["command"] = shlex.join(["python", "retriever/train.py"] + argv_list)
         run_dir = None
     rank, world, device = init_distributed(args.device)
+    if rank != 0:  # only the primary rank logs (warnings still come through)
+        logging.getLogger().setLevel(logging.WARNING)
     if cfg["threads"]:
         torch.set_num_threads(int(cfg["threads"]))
     torch.manual_seed(cfg["seed"] + rank)
@@ -476,6 +478,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         save_checkpoint(model, config, run_dir / "weights" / f"{name}.safetensors")
 
     out_of_time = False
+    # with a wall-time limit the cosine schedule follows whichever is further along, steps or time, so a run cut
+    # by --max-minutes still ends at a low learning rate instead of mid-schedule
+    t_train0 = time.perf_counter()
+    train_budget = cfg["max_minutes"] * 60 - (t_train0 - t_start) if cfg["max_minutes"] else 0.0
+    if cfg["max_minutes"] and train_budget <= 0:
+        logger.warning("--max-minutes %.1f already spent before training started", cfg["max_minutes"])
+    time_step0 = step
     stopped = False
     for epoch in range(epoch0, cfg["epochs"]):
         sampler.set_epoch(epoch)
@@ -505,7 +514,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
             count += 1
             if batches_done % cfg["accum"] == 0:
-                scale = lr_at(step, total_steps, cfg["warmup_steps"])
+                eff = step
+                if train_budget > 0 and step > time_step0:
+                    frac = (time.perf_counter() - t_train0) / (0.93 * train_budget)  # keep time for the last eval
+                    eff = max(step, int(time_step0 + frac * (total_steps - time_step0)))
+                    if world > 1:
+                        eff = int(round(all_reduce_mean(float(eff))))
+                scale = lr_at(eff, total_steps, cfg["warmup_steps"])
                 for g in optimizer.param_groups:
                     g["lr"] = g["base_lr"] * scale
                 scaler.step(optimizer)
@@ -526,7 +541,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     stopped = True
                     break
                 if cfg["max_minutes"]:
-                    late = float(time.perf_counter() - t_start > cfg["max_minutes"] * 60)
+                    late = float(time.perf_counter() - t_start > cfg["max_minutes"] * 60 or
+                                 (train_budget > 0 and eff >= total_steps))
                     if world > 1:  # every rank must stop at the same step (collectives)
                         late = all_reduce_mean(late)
                     if late > 0:

@@ -77,12 +77,12 @@ def test_run_full_frames_json_html_match_brute_force(clip_and_gallery, emb_weigh
     assert all(p["support"] and p["support"][0]["box"] is None for p in res["products"])
     # printed: top-k with ids and titles, and the ultralytics-style speed line
     for p in res["products"]:
-        assert p["image_id"] in out and p["title"] in out
+        assert p["image_id"] in out and p["title"] and p["title"] in out  # titles from the root's annotations
     assert re.search(r"Speed: [\d.]+ ms decode, .*[\d.]+ ms embed, .*[\d.]+ ms search per frame", out)
     # HTML: self-contained (inline JPEGs only), shop images + frames, same products
     html = page.read_text()
     assert html.count("data:image/jpeg;base64,") >= 15 + 3
-    assert not re.search(r"src=\"(?!data:)", html) and "http" not in html.lower().replace("http-equiv", "")
+    assert not re.search(r"(src|href)=[\"'](?!data:)", html) and "<link" not in html and "<script" not in html
     for p in res["products"]:
         assert p["image_id"] in html
     assert tc.gt_image_ids[0] in best  # the clip's product is in the gallery it was ranked in
@@ -134,6 +134,27 @@ def test_run_index_and_cached_gallery(clip_and_gallery, emb_weights, other_emb_w
     code, _, err = _run(base + ["--index", tmp_path / "idx", "--weights", other_emb_weights, "--json", js], capsys)
     assert code == 2 and "index was built with embedder" in err and len(err.strip().splitlines()) == 1
     assert not js.exists()
+
+
+def test_onnx_backend_uses_an_index_built_with_torch(clip_and_gallery, emb_weights, tmp_path, capsys):
+    """An ONNX export of the same checkpoint (it records the source sha256) may query a torch-built index."""
+    from lpr4m.cli import run_main
+    from pipeline.index import main as index_main
+    from retriever.exporting import export_onnx
+    clip, gallery, _ = clip_and_gallery
+    onnx = Path(export_onnx(emb_weights, tmp_path / "retriever.onnx")["path"])
+    assert run_main(index_main, ["--gallery", str(gallery), "--out", str(tmp_path / "idx"), "--weights",
+                                 str(emb_weights)]) == 0
+    capsys.readouterr()
+    base = ["--clip", clip, "--index", tmp_path / "idx", "--no-detector", "--max-frames", "5"]
+    code, _, err = _run(base + ["--weights", emb_weights, "--json", tmp_path / "t.json"], capsys)
+    assert code == 0, err
+    code, _, err = _run(base + ["--backend", "onnx", "--weights", onnx, "--json", tmp_path / "o.json"], capsys)
+    assert code == 0, err
+    t, o = (json.loads((tmp_path / n).read_text()) for n in ("t.json", "o.json"))
+    assert [p["image_id"] for p in t["products"]] == [p["image_id"] for p in o["products"]]
+    np.testing.assert_allclose([p["score"] for p in t["products"]], [p["score"] for p in o["products"]], atol=1e-3)
+    assert o["settings"]["backend"] == "onnx"
 
 
 def _bad_clips(tmp_path: Path, good: Path) -> dict[str, Path]:
@@ -244,6 +265,30 @@ def test_stream_is_lazy_and_thumbnails_bounded(emb_weights):
     assert len(k.kept) <= 8 and min(k.kept) == 0 and max(k.kept) >= 500  # spread over the whole stream
 
 
+def test_prefetch_thread_same_results_and_errors_surface(emb_weights):
+    from lpr4m.errors import BadInput
+    from pipeline.recognize import ImageFrame, Recognizer
+    from retriever.embedder import load_embedder
+    emb = load_embedder(emb_weights)
+
+    def frames(fail_at=None):
+        for i in range(7):
+            if i == fail_at:
+                raise BadInput("clip.mp4", "truncated or corrupt video")
+            yield ImageFrame(i, float(i), np.full((40, 40, 3), 30 * i, np.uint8))
+
+    plain = list(Recognizer(emb, batch=2).stream(frames()))
+    threaded = list(Recognizer(emb, batch=2, prefetch=3).stream(frames()))
+    assert [r.index for r in threaded] == list(range(7))
+    np.testing.assert_allclose(np.concatenate([r.embs for r in plain]),
+                               np.concatenate([r.embs for r in threaded]), atol=1e-6)
+    with pytest.raises(BadInput, match="truncated"):
+        list(Recognizer(emb, batch=2, prefetch=3).stream(frames(fail_at=5)))
+    it = Recognizer(emb, batch=2, prefetch=3).stream(frames())
+    next(it)
+    it.close()  # stops the decoder thread without hanging
+
+
 # -- evaluate ----------------------------------------------------------------------------------------------------
 def test_evaluate_matches_retriever_and_reports_box_ap(lpr4m_mini, emb_weights, det_weights, tmp_path, capsys):
     from lpr4m.cli import run_main
@@ -253,13 +298,14 @@ def test_evaluate_matches_retriever_and_reports_box_ap(lpr4m_mini, emb_weights, 
     from retriever.evaluation import evaluate as retriever_evaluate
     out, rk = tmp_path / "ev.json", tmp_path / "rk.jsonl"
     code = run_main(main, ["--data", str(lpr4m_mini), "--weights", str(emb_weights), "--detector-weights",
-                           str(det_weights), "--save-rankings", str(rk), "--out", str(out)])
+                           str(det_weights), "--save-rankings", str(rk), "--out", str(out), "--limit", "6",
+                           "--frames", "3"])
     err = capsys.readouterr().err
     assert code == 0, err
     res = json.loads(out.read_text())
     assert set(res["results"]) == {"detector", "full_frames"}
     ref = retriever_evaluate(Dataset(lpr4m_mini), load_embedder(emb_weights), "none", ("mean",), ("live",),
-                             ks=(1, 5, 10))["results"]["live/mean"]
+                             n_frames=3, ks=(1, 5, 10), limit=6)["results"]["live/mean"]
     for k in ("R1", "R5", "R10", "n_queries"):
         assert res["results"]["full_frames"][k] == pytest.approx(ref[k])  # same protocol, independent code
     ap = res["box_ap"]
@@ -270,6 +316,6 @@ def test_evaluate_matches_retriever_and_reports_box_ap(lpr4m_mini, emb_weights, 
     assert "detect" in res["timings_ms_per_frame"]["detector"]
     assert "R1" in err and "box AP" in err  # the printed table
     lines = [json.loads(line) for line in rk.read_text().splitlines()]
-    assert len(lines) == 2 * res["n_queries"]
+    assert res["n_queries"] == 6 and len(lines) == 2 * 6
     assert {line["setting"] for line in lines} == {"detector/mean", "full_frames/mean"}
     assert all(len(line["image_ids"]) == len(line["scores"]) > 0 for line in lines)

@@ -98,9 +98,10 @@ class EmbeddingModel(nn.Module):
     def __init__(self, trunk: Trunk, embed_dim: int = 256, pool_hidden: int = 64):
         super().__init__()
         self.trunk = trunk
-        self.embed_dim = embed_dim
-        self.proj = nn.Linear(trunk.feat_dim, embed_dim)
-        self.pool = QualityPool(embed_dim, pool_hidden)
+        # embed_dim <= 0: no projection, the trunk's own features (frozen-ImageNet baselines)
+        self.embed_dim = embed_dim if embed_dim > 0 else trunk.feat_dim
+        self.proj = nn.Linear(trunk.feat_dim, embed_dim) if embed_dim > 0 else nn.Identity()
+        self.pool = QualityPool(self.embed_dim, pool_hidden)
 
     def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
         return F.normalize(self.proj(self.trunk(x, start=start)), dim=-1)
