@@ -287,7 +287,9 @@ def train(model: str, data_yaml: Path, project: Path, name: str, overrides: dict
         args.update({k: v for k, v in overrides.items() if k in ("device", "batch", "workers")})
     else:
         yolo = YOLO(model, task="detect")
-        args = {"plots": False, "exist_ok": False, **overrides, "data": str(data_yaml), "project": str(project), "name": name}
+        # an absolute project: ultralytics would put a relative one under its own runs_dir/<task>/
+        args = {"plots": False, "exist_ok": False, **overrides, "data": str(data_yaml),
+                "project": str(Path(project).resolve()), "name": name}
     for event, fns in (callbacks or {}).items():
         for fn in fns:
             yolo.add_callback(event, fn)

@@ -73,6 +73,9 @@ def evaluate_system(ds: Dataset, embedder, detector=None, gallery=None, n_frames
                                      source={"data": str(ds.root), "main_only": main_only})
     else:
         gallery.check_embedder(embedder)
+        if not set(ds.live_galleries) & set(gallery.live_ids):
+            raise BadInput(gallery.path, "the index holds none of this split's live galleries (build it with "
+                                         "python pipeline/index.py --gallery ROOT --out INDEX)")
     t_gallery = time.perf_counter() - t0
 
     settings = {}

@@ -56,7 +56,9 @@ class StageTimer:
         return {s: 1000.0 * self.total[s] / n for s in STAGES if s in self.total}
 
     def line(self, n: int, what: str = "frame") -> str:
-        parts = ", ".join(f"{v:.1f} ms {k}" for k, v in self.ms_per(n).items())
+        ms = self.ms_per(n)
+        parts = ", ".join(f"{v:.1f} ms {k}" for k, v in ms.items()
+                          if k in ("decode", "embed", "search") or v >= 0.05)
         return f"Speed: {parts} per {what}"
 
 
@@ -233,11 +235,11 @@ class Recognizer:
                     sc = np.asarray(det.scores, np.float32).reshape(-1)
                     order = np.argsort(-sc, kind="stable")
                     order = order[sc[order] >= self.min_score][: self.crops_per_frame]
-                    boxes = np.asarray(det.xyxy, dtype=np.float32)[order]
-                    pieces = crop_boxes(f.rgb, boxes, pad=self.pad)
-                    for i, piece in zip(order.tolist(), pieces):
-                        if piece is not None and piece.size and min(piece.shape[:2]) >= 2:
-                            crops.append(piece)
+                    xyxy = np.asarray(det.xyxy, dtype=np.float32).reshape(-1, 4)
+                    for i in order.tolist():
+                        pieces = crop_boxes(f.rgb, xyxy[i:i + 1], pad=self.pad)  # one at a time: it drops
+                        if pieces:                                                # degenerate boxes
+                            crops.append(pieces[0])
                             owner.append(j)
                             used.append(int(i))
                 if not used:  # nothing detected (or degenerate boxes): the full frame stands in

@@ -279,3 +279,18 @@ def test_index_cli_bad_galleries(tmp_path, emb_weights, lpr4m_mini, capsys):
     code, _, err = _run(main, ["--gallery", only_bad, "--out", tmp_path / "o4", "--weights", emb_weights], capsys)
     assert code == 2 and "could be read" in err and not (tmp_path / "o4").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.gpu
+def test_gpu_faiss_search_matches_cpu():
+    import faiss
+    if faiss.get_num_gpus() == 0:
+        pytest.skip("GPU faiss not available (needs faiss-gpu and a CUDA device: pip install '.[gpu]')")
+    from pipeline.gallery import GalleryIndex
+    x = _clustered(200)
+    gi = GalleryIndex.from_vectors(x, _items(200), {"fingerprint": "fp"})
+    q = _clustered(10, seed=5)
+    gpu = gi.search(q, 5)  # the GPU copy is used for unrestricted search
+    assert gi._gpu_index is not None
+    ref = [_brute(x, _items(200), qq, 5) for qq in q]
+    assert [[m.image_id for m in row] for row in gpu] == [[i for i, _ in r] for r in ref]

@@ -157,6 +157,19 @@ def test_onnx_backend_uses_an_index_built_with_torch(clip_and_gallery, emb_weigh
     assert o["settings"]["backend"] == "onnx"
 
 
+def test_run_on_real_videos_odd_codecs(shared_data, emb_weights, clip_and_gallery, tmp_path, capsys):
+    """Real files: MPEG-1 in .mpg, and an AVI whose seeking fails (read in order instead)."""
+    _, gallery, _ = clip_and_gallery
+    for name in ("cityCC0.mpg", "tree.avi"):
+        js = tmp_path / f"{name}.json"
+        code, _, err = _run(["--clip", shared_data / "videos" / name, "--gallery", gallery, "--weights",
+                             emb_weights, "--no-detector", "--max-frames", "4", "--json", js], capsys)
+        assert code == 0, err
+        res = json.loads(js.read_text())
+        times = [f["time_s"] for f in res["frames"]]
+        assert res["n_frames"] == 4 and times == sorted(times) and times == pytest.approx([0, 1, 2, 3], abs=0.5)
+
+
 def _bad_clips(tmp_path: Path, good: Path) -> dict[str, Path]:
     (tmp_path / "empty.mp4").write_bytes(b"")
     (tmp_path / "trunc.mp4").write_bytes(good.read_bytes()[:1500])
