@@ -16,4 +16,7 @@ if "${PIP[@]}" show -q opencv-python >/dev/null 2>&1; then
   "${PIP[@]}" uninstall -q -y opencv-python opencv-python-headless
   "${PIP[@]}" install -q --no-deps "$OPENCV"
 fi
-.venv/bin/python -c "import cv2, torch, ultralytics, faiss, onnxruntime, timm, av, img2dataset, pycocotools; print('set-up OK: cv2', cv2.__version__, '| torch', torch.__version__, '| ultralytics', ultralytics.__version__)"
+# Import check through the project's own adapters (detector.yolo sets ultralytics' offline settings first).
+.venv/bin/python -c "import cv2, torch, faiss, onnxruntime, timm, av, pycocotools, lpr4m, retriever, pipeline
+from detector import yolo
+print('set-up OK: cv2', cv2.__version__, '| torch', torch.__version__, '| ultralytics', yolo.version())"
