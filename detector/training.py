@@ -30,6 +30,8 @@ PRESETS: dict[str, dict] = {
     "tiny": dict(model="yolo11n.yaml", epochs=2, imgsz=128, batch=8, device="cpu", workers=0, patience=100,
                  close_mosaic=0, cache=False, warmup_epochs=0.0, frames_per_clip=None, hours=None, val=True),
 }
+# Further ultralytics training arguments per preset (optimizer, augmentation); recorded in the run's config.json.
+HYP: dict[str, dict] = {"cpu": {}, "gpu": {}, "tiny": {}}
 KNOBS = ("model", "epochs", "imgsz", "batch", "device", "workers", "patience", "close_mosaic", "cache", "warmup_epochs",
          "frames_per_clip", "hours")
 LOG_EVERY = 20  # batches between training log lines
@@ -77,6 +79,7 @@ def resolve_knobs(args: argparse.Namespace) -> dict:
         if v is not None:
             knobs[k] = v
     knobs["device"] = str(knobs["device"])
+    knobs["hyp"] = dict(HYP.get(args.preset, {}))
     return knobs
 
 
@@ -256,7 +259,8 @@ def train(args: argparse.Namespace, callbacks: dict | None = None) -> dict:
         overrides = dict(epochs=knobs["epochs"], imgsz=knobs["imgsz"], batch=knobs["batch"], device=knobs["device"],
                          workers=knobs["workers"], patience=knobs["patience"], close_mosaic=knobs["close_mosaic"],
                          cache=knobs["cache"], warmup_epochs=knobs["warmup_epochs"], seed=args.seed,
-                         time=knobs["hours"], val=knobs["val"], amp=not cpu, deterministic=False, plots=False)
+                         time=knobs["hours"], val=knobs["val"], amp=not cpu, deterministic=False, plots=False,
+                         **knobs["hyp"])
         data_info = {"root": str(ds.root.resolve()), "cache": str(data.root), "train": data.manifest["train"],
                      "val": data.manifest["val"], "problems": data.manifest["problems"]}
         write_json(run_dir / "config.json", {"knobs": knobs, "start_weights": start, "preset": args.preset,

@@ -34,8 +34,9 @@ def _ks(text: str) -> tuple[int, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     from pipeline.backends import BACKENDS
-    p = argparse.ArgumentParser(prog="python pipeline/evaluate.py", description=__doc__.split("\n")[0].strip("`"),
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python pipeline/evaluate.py", description=__doc__.split("\n")[0].split(":", 1)[-1].strip(),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", required=True, help="LPR4M root with a test split")
     p.add_argument("--weights", help="embedder weights (default weights/retriever.<backend suffix>)")
     p.add_argument("--detector-weights", help="detector weights (default weights/detector.<backend suffix>)")

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 
 from lpr4m.errors import BadInput, Problems
 from lpr4m.images import load_rgb

@@ -25,7 +25,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from lpr4m.errors import BadInput, Problems
-from lpr4m.ids import GALLERY_NAME_RE, IMAGE_ID_RE, IMAGE_SUFFIXES, LIVE_ID_RE
+from lpr4m.ids import GALLERY_NAME_RE, IMAGE_SUFFIXES, LIVE_ID_RE
 from lpr4m.io import atomic_path, read_json, write_json
 
 logger = logging.getLogger(__name__)
@@ -692,4 +692,4 @@ def _hnsw(index):
 
 
 __all__ = ["GalleryIndex", "GalleryItem", "Match", "collect", "collect_folder", "collect_lpr4m", "content_hash",
-           "embed_items", "embedder_info", "make_index", "normalise", "IMAGE_ID_RE"]
+           "embed_items", "embedder_info", "make_index", "normalise", "same_embedder", "cached_index"]

@@ -25,8 +25,9 @@ logger = logging.getLogger("pipeline.index")
 def build_parser() -> argparse.ArgumentParser:
     from pipeline.backends import BACKENDS
     from pipeline.gallery import INDEX_TYPES
-    p = argparse.ArgumentParser(prog="python pipeline/index.py", description=__doc__.split("\n")[0].strip("`"),
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python pipeline/index.py", description=__doc__.split("\n")[0].split(":", 1)[-1].strip(),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--gallery", help="folder of shop images, or an LPR4M root (its gallery/ or training images)")
     p.add_argument("--out", required=True, help="index folder to write (or to update with --add/--remove)")
     p.add_argument("--add", metavar="DIR", help="append the shop images of DIR to the existing --out index")

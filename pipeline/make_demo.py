@@ -131,8 +131,9 @@ def write_demo(ds, out: Path, n_clips: int = 3) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     from pipeline.backends import DEMO_DIR
-    p = argparse.ArgumentParser(prog="python pipeline/make_demo.py", description=__doc__.split("\n")[0].strip("`"),
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python pipeline/make_demo.py", description=__doc__.split("\n")[0].split(":", 1)[-1].strip(),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", help="a synthesized LPR4M root (default: synthesize --preset demo into a temp folder)")
     p.add_argument("--preset", default="demo")
     p.add_argument("--seed", type=int, default=1)

@@ -24,8 +24,9 @@ logger = logging.getLogger("pipeline.run")
 
 def build_parser() -> argparse.ArgumentParser:
     from pipeline.backends import BACKENDS, DEMO_DIR
-    p = argparse.ArgumentParser(prog="python pipeline/run.py", description=__doc__.split("\n")[0].strip("`"),
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python pipeline/run.py", description=__doc__.split("\n")[0].split(":", 1)[-1].strip(),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--clip", required=True, help="video file (mp4, mov, mkv, avi, ...)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--gallery", help=f"folder of shop images (or an LPR4M root); default: {DEMO_DIR / 'gallery'}")
