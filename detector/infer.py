@@ -76,10 +76,30 @@ def preprocess(frames: Sequence[np.ndarray], size: int) -> tuple[np.ndarray, lis
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
-    """Indices kept by greedy NMS, highest score first (torchvision's C++ kernel)."""
+    """Indices kept by greedy NMS, highest score first (torchvision's C++ kernel when torch is already loaded;
+    otherwise the same greedy rule in numpy, so the ONNX Runtime path never imports torch: ~1 GB RSS, seconds)."""
+    import sys
+    if "torchvision" not in sys.modules:
+        return _nms_numpy(boxes, scores, iou)
     import torch
     import torchvision
     return torchvision.ops.nms(torch.from_numpy(boxes), torch.from_numpy(scores), iou).numpy()
+
+
+def _nms_numpy(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    order = np.argsort(-np.asarray(scores, np.float32), kind="stable")
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    keep = []
+    while order.size:
+        i = order[0]
+        keep.append(i)
+        rest = order[1:]
+        w = np.clip(np.minimum(boxes[i, 2], boxes[rest, 2]) - np.maximum(boxes[i, 0], boxes[rest, 0]), 0, None)
+        h = np.clip(np.minimum(boxes[i, 3], boxes[rest, 3]) - np.maximum(boxes[i, 1], boxes[rest, 1]), 0, None)
+        inter = w * h
+        order = rest[inter / np.maximum(areas[i] + areas[rest] - inter, 1e-12) <= iou]
+    return np.asarray(keep, dtype=np.int64)
 
 
 def postprocess(raw: np.ndarray, lbs: list[Letterbox], conf: float, iou: float, max_det: int) -> list[Detections]:

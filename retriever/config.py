@@ -53,10 +53,15 @@ class EmbedderConfig:
 
     @property
     def fingerprint(self) -> str:
-        """Identifies weights + preprocessing: an index built with one embedder refuses another."""
+        """Identifies weights + preprocessing: an index built with one embedder refuses another.
+
+        Exports (.onnx, .engine) carry the sha256 of the checkpoint they came from, so the same model keeps one
+        fingerprint on every backend.
+        """
+        weights_sha = str(self.extra.get("source_sha256") or self.sha256)
         pre = json.dumps([self.backbone, self.embed_dim, self.input_size, self.resize_mode, self.pad_value,
                           list(self.mean), list(self.std), self.normalize], sort_keys=True)
-        return f"{self.backbone}-{self.embed_dim}-{hashlib.sha256(pre.encode()).hexdigest()[:8]}-{self.sha256[:16]}"
+        return f"{self.backbone}-{self.embed_dim}-{hashlib.sha256(pre.encode()).hexdigest()[:8]}-{weights_sha[:16]}"
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

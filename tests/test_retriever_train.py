@@ -161,6 +161,7 @@ def test_onnx_export_parity(trained, tmp_path, capsys):
     assert res["parity_min_cosine"] >= 0.9999
     pt, ox = load_embedder(trained["weights"]), load_embedder(tmp_path / "emb.onnx")
     assert ox.config.input_size == pt.config.input_size and ox.config.format == "onnx"
+    assert ox.fingerprint == pt.fingerprint  # same model on another backend: an index accepts both
     imgs = [np.random.default_rng(i).integers(0, 255, (50, 80, 3), dtype=np.uint8) for i in range(3)]
     assert float((pt.embed(imgs) * ox.embed(imgs)).sum(1).min()) >= 0.9999
     e = pt.embed(imgs)
