@@ -24,14 +24,16 @@ logger = logging.getLogger(__name__)
 # Presets: "cpu" is sized for a demo dataset on a laptop (<= 15 min on 2 cores); "gpu" for LPR4M on GPUs.
 PRESETS: dict[str, dict] = {
     "cpu": dict(model="yolo11n.yaml", epochs=12, imgsz=256, batch=16, device="cpu", workers=2, patience=100,
-                close_mosaic=3, cache="ram", warmup_epochs=1.0, frames_per_clip=3, hours=0.22, val=False),
+                close_mosaic=0, cache="ram", warmup_epochs=1.0, frames_per_clip=3, hours=0.22, val=False),
     "gpu": dict(model="yolo11s.yaml", epochs=60, imgsz=640, batch=64, device="0", workers=8, patience=20,
                 close_mosaic=10, cache=False, warmup_epochs=3.0, frames_per_clip=None, hours=None, val=True),
     "tiny": dict(model="yolo11n.yaml", epochs=2, imgsz=128, batch=8, device="cpu", workers=0, patience=100,
                  close_mosaic=0, cache=False, warmup_epochs=0.0, frames_per_clip=None, hours=None, val=True),
 }
 # Further ultralytics training arguments per preset (optimizer, augmentation); recorded in the run's config.json.
-HYP: dict[str, dict] = {"cpu": {}, "gpu": {}, "tiny": {}}
+# cpu: a from-scratch run of a few hundred batches needs every batch to be an optimizer step (nbs = batch; the
+# default nbs=64 accumulates 4 batches per step) and plain frames (mosaic off converges faster in short runs).
+HYP: dict[str, dict] = {"cpu": dict(nbs=16, mosaic=0.0), "gpu": {}, "tiny": {}}
 KNOBS = ("model", "epochs", "imgsz", "batch", "device", "workers", "patience", "close_mosaic", "cache", "warmup_epochs",
          "frames_per_clip", "hours")
 LOG_EVERY = 20  # batches between training log lines

@@ -197,6 +197,22 @@ def test_run_bad_inputs_exit_2_and_leave_nothing(clip_and_gallery, emb_weights, 
     assert [p for p in tmp_path.rglob(".*") if p.is_file()] == []
 
 
+def test_readme_command_on_the_bundled_demo(tmp_path, capsys):
+    """``python pipeline/run.py --clip demo/clips/demo-1.mp4``: defaults only (bundled weights + demo gallery).
+    Checks that it runs and lists demo products, not how good the bundled weights are."""
+    from pipeline.backends import DEMO_DIR, WEIGHTS_DIR
+    clip = DEMO_DIR / "clips" / "demo-1.mp4"
+    if not clip.is_file() or not (WEIGHTS_DIR / "retriever.safetensors").is_file() or \
+            not any(WEIGHTS_DIR.glob("detector.*")):
+        pytest.skip("bundled demo or weights missing")
+    code, out, err = _run(["--clip", clip, "--max-frames", "4"], capsys)
+    assert code == 0, err
+    titles = dict(line.split("\t", 1) for line in (DEMO_DIR / "gallery" / "titles.txt").read_text().splitlines())
+    ranked = [line.split()[2] for line in out.splitlines() if re.match(r"\s+\d+\s+-?[\d.]+\s+\S+-", line)]
+    assert len(ranked) == 5 and set(ranked) <= set(titles)
+    assert "Speed:" in out
+
+
 def test_missing_export_names_the_command(tmp_path):
     from lpr4m.errors import BadInput
     from pipeline.backends import default_weights
@@ -306,14 +322,14 @@ def test_evaluate_matches_retriever_and_reports_box_ap(lpr4m_mini, emb_weights, 
     from retriever.evaluation import evaluate as retriever_evaluate
     out, rk = tmp_path / "ev.json", tmp_path / "rk.jsonl"
     code = run_main(main, ["--data", str(lpr4m_mini), "--weights", str(emb_weights), "--detector-weights",
-                           str(det_weights), "--save-rankings", str(rk), "--out", str(out), "--limit", "6",
-                           "--frames", "3"])
+                           str(det_weights), "--save-rankings", str(rk), "--out", str(out), "--limit", "4",
+                           "--frames", "2"])
     err = capsys.readouterr().err
     assert code == 0, err
     res = json.loads(out.read_text())
     assert set(res["results"]) == {"detector", "full_frames"}
     ref = retriever_evaluate(Dataset(lpr4m_mini), load_embedder(emb_weights), "none", ("mean",), ("live",),
-                             n_frames=3, ks=(1, 5, 10), limit=6)["results"]["live/mean"]
+                             n_frames=2, ks=(1, 5, 10), limit=4)["results"]["live/mean"]
     for k in ("R1", "R5", "R10", "n_queries"):
         assert res["results"]["full_frames"][k] == pytest.approx(ref[k])  # same protocol, independent code
     ap = res["box_ap"]
@@ -327,7 +343,7 @@ def test_evaluate_matches_retriever_and_reports_box_ap(lpr4m_mini, emb_weights, 
     assert res["results"]["detector"]["hits"] == res["results"]["full_frames"]["hits"]
     assert "R1" in err and "box AP" in err  # the printed table
     lines = [json.loads(line) for line in rk.read_text().splitlines()]
-    assert res["n_queries"] == 6 and len(lines) == 2 * 6
+    assert res["n_queries"] == 4 and len(lines) == 2 * 4
     assert {line["setting"] for line in lines} == {"detector/mean", "full_frames/mean"}
     assert all(len(line["image_ids"]) == len(line["scores"]) > 0 for line in lines)
     by = {}
