@@ -33,7 +33,7 @@ PRESETS: dict[str, dict] = {
 # Further ultralytics training arguments per preset (optimizer, augmentation); recorded in the run's config.json.
 # cpu: a from-scratch run of a few hundred batches needs every batch to be an optimizer step (nbs = batch; the
 # default nbs=64 accumulates 4 batches per step) and plain frames (mosaic off converges faster in short runs).
-HYP: dict[str, dict] = {"cpu": dict(nbs=16, mosaic=0.0), "gpu": {}, "tiny": {}}
+HYP: dict[str, dict] = {"cpu": dict(nbs="batch", mosaic=0.0), "gpu": {}, "tiny": {}}
 KNOBS = ("model", "epochs", "imgsz", "batch", "device", "workers", "patience", "close_mosaic", "cache", "warmup_epochs",
          "frames_per_clip", "hours")
 LOG_EVERY = 20  # batches between training log lines
@@ -82,6 +82,8 @@ def resolve_knobs(args: argparse.Namespace) -> dict:
             knobs[k] = v
     knobs["device"] = str(knobs["device"])
     knobs["hyp"] = dict(HYP.get(args.preset, {}))
+    if knobs["hyp"].get("nbs") == "batch":  # one optimizer step per batch, whatever --batch says
+        knobs["hyp"]["nbs"] = knobs["batch"]
     return knobs
 
 

@@ -258,7 +258,9 @@ def test_onnx_export_parity(trained, tmp_path, which):
     proto = onnx.load(str(out))
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"  # dynamic batch axis
     frames = _frames(trained.data, 4) + exporting.parity_frames(2)
-    conf = 0.01 if which == "tiny" else 0.25
+    # a low threshold for both: parity needs boxes, and these test-preset frames at imgsz 160 are far from what the
+    # bundled weights were trained on (256), so their scores may all sit below the usual 0.25
+    conf = 0.01
     p = exporting.parity(weights, out, imgsz=160, frames=frames, conf=conf)
     assert p["boxes"] > 0, "parity needs boxes to compare"
     assert p["count_mismatch"] == 0 and p["max_box_diff_px"] <= 1.0 and p["max_score_diff"] <= 1e-3, p
