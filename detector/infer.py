@@ -211,6 +211,8 @@ class OnnxBackend:
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.add_session_config_entry("session.set_denormal_as_zero", "1")  # as the torch backend does
+        # no busy-waiting between ops: the pipeline decodes video in a thread beside the model (CPU, 2 cores)
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             opts.intra_op_num_threads = threads
         try:

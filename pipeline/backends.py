@@ -47,6 +47,35 @@ def _rel(p: Path) -> str:
         return str(p)
 
 
+def _fresh_onnx_exports(weights_dir: Path) -> bool:
+    """Both bundled ONNX exports exist and were exported from the bundled torch weights (sha256 recorded)."""
+    try:
+        from detector.config import DetectorConfig
+        from detector.infer import read_onnx_config
+        from retriever.embedder import read_config
+        det_onnx, ret_onnx = weights_dir / "detector.onnx", weights_dir / "retriever.onnx"
+        det_src, ret_src = weights_dir / "detector.json", weights_dir / "retriever.safetensors"
+        if not all(p.is_file() for p in (det_onnx, ret_onnx, det_src, ret_src)):
+            return False
+        det_ok = read_onnx_config(det_onnx).sha256 == DetectorConfig.load(det_src).sha256
+        ret_ok = read_config(ret_onnx, verify=False).extra.get("source_sha256") == \
+            read_config(ret_src, verify=False).sha256
+        return bool(det_ok and ret_ok)
+    except BadInput:
+        return False
+
+
+def resolve_backend(backend: str, *explicit, weights_dir: Path = WEIGHTS_DIR) -> str:
+    """``auto``: the runtime of explicitly given weights (by suffix), else ONNX Runtime when the bundled exports
+    are up to date (faster on CPU, no torch import), else torch."""
+    if backend != "auto":
+        return backend
+    for w in explicit:
+        if w:
+            return {".onnx": "onnx", ".engine": "tensorrt"}.get(Path(w).suffix.lower(), "torch")
+    return "onnx" if _fresh_onnx_exports(weights_dir) else "torch"
+
+
 def resolve_device(device: str, backend: str) -> str:
     """``auto`` -> ``cuda`` when the backend can use a GPU here, else ``cpu``."""
     if device != "auto":

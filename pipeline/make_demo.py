@@ -113,7 +113,8 @@ class Recognition:
         gt = set(self.ds.gt_images[video_id])
         rank = next((i + 1 for i, x in enumerate(ranked) if x in gt), None)
         self.results[video_id] = {"top1": ranked[0] if ranked else None, "rank": rank,
-                                  "weights": getattr(self.embedder, "fingerprint", None)}
+                                  "embedder": getattr(self.embedder, "fingerprint", None),
+                                  "detector_sha256": getattr(getattr(self.detector, "config", None), "sha256", None)}
         logger.info("%s: correct product at rank %s", video_id, rank)
         return rank == 1
 

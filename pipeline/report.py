@@ -36,7 +36,8 @@ def shop_thumbnail(path, width: int = 160) -> bytes | None:
 def text_report(result: dict) -> str:
     """What ``run.py`` prints: top-k products with supporting frames, the timeline, the speed line."""
     lines = [f"{result['clip']}: {result['n_frames']} frames sampled"
-             f" ({result['settings']['fps']:g} fps{', detector on' if result['settings']['detector'] else ''})"]
+             f" ({result['settings']['fps']:g} fps, detector {'on' if result['settings']['detector'] else 'off'}"
+             f"{', ' + result['settings']['backend'] if result['settings'].get('backend') else ''})"]
     lines.append(f"{'rank':>4}  {'score':>6}  {'image id':<36}  title")
     for p in result["products"]:
         lines.append(f"{p['rank']:>4}  {p['score']:6.3f}  {p['image_id']:<36}  {p['title']}")

@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fps", type=float, default=1.0, help="frames sampled per second")
     p.add_argument("--max-frames", type=int, default=None, help="stop after this many sampled frames")
     p.add_argument("--topk", type=int, default=5, help="products to list")
-    p.add_argument("--backend", choices=BACKENDS, default="torch", help="inference runtime (weights/*.onnx, *.engine)")
+    p.add_argument("--backend", choices=("auto",) + BACKENDS, default="auto",
+                   help="inference runtime; auto = ONNX Runtime when weights/*.onnx are fresh exports, else torch")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
     p.add_argument("--weights", help="embedder weights (default weights/retriever.<backend suffix>)")
     p.add_argument("--detector-weights", help="detector weights (default weights/detector.<backend suffix>)")
@@ -101,6 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise BadInput(None, f"--max-frames must be >= 1 (got {args.max_frames})")
     check_outputs(args.json, args.html)
     probe_video(args.clip)  # a bad clip fails here, before models load
+    args.backend = backends.resolve_backend(args.backend, args.weights, args.detector_weights)
     device = backends.resolve_device(args.device, args.backend)
     embedder = backends.load_embedder(args.weights, args.backend, device)
     detector = None if args.no_detector else backends.load_detector(args.detector_weights, args.backend, device,

@@ -91,6 +91,8 @@ class OnnxBackend:
         providers = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
         so = ort.SessionOptions()
         so.log_severity_level = 3
+        # no busy-waiting between ops: the pipeline decodes video in a thread beside the model (CPU, 2 cores)
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(path), so, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types for corrupt models

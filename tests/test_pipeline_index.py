@@ -66,6 +66,16 @@ def embedder(emb_weights):
     return load_embedder(emb_weights)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """Tiny models: one intra-op thread is as fast and does not spin against the decoder thread or other jobs."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LPR_CACHE_DIR", str(tmp_path / "cache"))

@@ -27,6 +27,16 @@ def det_weights(tmp_path_factory) -> Path:
     return untrained_detector_weights(tmp_path_factory.getbasetemp())
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """Tiny models: one intra-op thread is as fast and does not spin against the decoder thread or other jobs."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LPR_CACHE_DIR", str(tmp_path / "cache"))
@@ -211,6 +221,15 @@ def test_readme_command_on_the_bundled_demo(tmp_path, capsys):
     ranked = [line.split()[2] for line in out.splitlines() if re.match(r"\s+\d+\s+-?[\d.]+\s+\S+-", line)]
     assert len(ranked) == 5 and set(ranked) <= set(titles)
     assert "Speed:" in out
+
+
+def test_backend_auto(tmp_path):
+    from pipeline.backends import resolve_backend
+    assert resolve_backend("auto", "w/retriever.onnx") == "onnx"
+    assert resolve_backend("auto", None, "w/detector.safetensors") == "torch"
+    assert resolve_backend("auto", None, "w/detector.engine") == "tensorrt"
+    assert resolve_backend("auto", weights_dir=tmp_path) == "torch"  # no (fresh) ONNX exports
+    assert resolve_backend("onnx", "w/retriever.safetensors") == "onnx"  # explicit wins
 
 
 def test_missing_export_names_the_command(tmp_path):
