@@ -11,7 +11,6 @@ Ultralytics Enterprise licence).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import shutil
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from lpr4m.errors import BadInput
+from lpr4m.io import sha256_file  # noqa: F401 (re-exported: detector code calls yolo.sha256_file)
 
 logger = logging.getLogger(__name__)
 
@@ -93,14 +93,6 @@ def ul():
 
 def version() -> str:
     return ul().__version__
-
-
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # -- models -----------------------------------------------------------------------------------------------------

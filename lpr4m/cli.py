@@ -30,6 +30,18 @@ def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
         return 130
 
 
+def parse_ks(text: str) -> tuple[int, ...]:
+    """argparse type for ``--ks 1,5,10``."""
+    import argparse
+    try:
+        ks = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not ks or min(ks) < 1:
+        raise argparse.ArgumentTypeError("k values must be >= 1")
+    return ks
+
+
 def emit_json(result: Any, out: str | None = None) -> None:
     """The JSON result of a command: to ``--out FILE`` (atomically) or to stdout."""
     if out:

@@ -16,20 +16,10 @@ import argparse  # noqa: E402
 import logging  # noqa: E402
 from typing import Sequence  # noqa: E402
 
-from lpr4m.cli import emit_json, run_main, setup_logging  # noqa: E402
+from lpr4m.cli import emit_json, parse_ks, run_main, setup_logging  # noqa: E402
 from lpr4m.errors import BadInput, Problems  # noqa: E402
 
 logger = logging.getLogger("pipeline.evaluate")
-
-
-def _ks(text: str) -> tuple[int, ...]:
-    try:
-        ks = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not ks or min(ks) < 1:
-        raise argparse.ArgumentTypeError("k values must be >= 1")
-    return ks
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--aggregation", choices=("mean", "attention", "max"), default=None)
     p.add_argument("--conf", type=float, default=0.25, help="detector score a box needs to be cropped")
     p.add_argument("--crops-per-frame", type=int, default=1)
-    p.add_argument("--ks", type=_ks, default=(1, 5, 10), help="comma-separated k values")
+    p.add_argument("--ks", type=parse_ks, default=(1, 5, 10), help="comma-separated k values")
     p.add_argument("--limit", type=int, default=None, help="only the first N queries")
     p.add_argument("--save-rankings", metavar="FILE", help="ranked ids + scores per query as JSON lines")
     p.add_argument("--rankings-k", type=int, default=50)

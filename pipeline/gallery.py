@@ -26,7 +26,7 @@ import numpy as np
 
 from lpr4m.errors import BadInput, Problems
 from lpr4m.ids import GALLERY_NAME_RE, IMAGE_SUFFIXES, LIVE_ID_RE
-from lpr4m.io import atomic_path, read_json, write_json
+from lpr4m.io import atomic_path, read_json, sha256_file, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -183,14 +183,6 @@ def content_hash(root: Path, items: Sequence[GalleryItem]) -> str:
         with contextlib.suppress(OSError), open(root / it.path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
-    return h.hexdigest()
-
-
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
     return h.hexdigest()
 
 
@@ -575,7 +567,7 @@ class GalleryIndex:
             if relative_root and root is not None and Path(root).is_absolute():
                 # relative to the index folder, so a repo-local cache or a copied folder keeps working
                 meta["gallery_root"] = os.path.relpath(root, path.resolve())
-            meta.update(index_file=INDEX_FILE, index_sha256=file_sha256(tmp / INDEX_FILE), ntotal=self.ntotal)
+            meta.update(index_file=INDEX_FILE, index_sha256=sha256_file(tmp / INDEX_FILE), ntotal=self.ntotal)
             write_json(tmp / META_FILE, meta, indent=1)
             if path.exists():
                 old = path.parent / f".{path.name}.old-{os.getpid()}-{time.time_ns()}"
@@ -618,7 +610,7 @@ class GalleryIndex:
         ipath = path / meta.get("index_file", INDEX_FILE)
         if not ipath.is_file():
             raise BadInput(ipath, "index file missing next to meta.json")
-        if meta.get("index_sha256") and file_sha256(ipath) != meta["index_sha256"]:
+        if meta.get("index_sha256") and sha256_file(ipath) != meta["index_sha256"]:
             raise BadInput(ipath, "index file does not match its meta.json (sha256 differs; rebuild the index)")
         try:
             index = faiss.read_index(str(ipath))

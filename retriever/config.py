@@ -97,10 +97,3 @@ def config_path_for(weights) -> Path:
         return weights.with_suffix(".json")
     return weights.with_name(weights.name + ".json")
 
-
-def sha256_file(path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()

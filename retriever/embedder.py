@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from lpr4m.errors import BadInput
-from retriever.config import EmbedderConfig, config_path_for, sha256_file
+from lpr4m.io import sha256_file
+from retriever.config import EmbedderConfig, config_path_for
 from retriever.preprocess import to_batch
 
 logger = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from lpr4m.cli import emit_json, progress, setup_logging
+from lpr4m.cli import emit_json, parse_ks, progress, setup_logging
 from lpr4m.errors import BadInput, Problems
 from lpr4m.images import load_rgb
 from lpr4m.layout import Dataset
@@ -220,16 +220,6 @@ def _default_detector_weights() -> Path | None:
     return None
 
 
-def _parse_ks(text: str) -> tuple[int, ...]:
-    try:
-        ks = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not ks or min(ks) < 1:
-        raise argparse.ArgumentTypeError("k values must be >= 1")
-    return ks
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="retriever/evaluate.py", description=__doc__.split("\n")[0])
     p.add_argument("--data", required=True, help="LPR4M root with a test split")
@@ -247,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gallery", choices=("live", "global", "both"), default="live",
                    help="rank in each query's live gallery (RICE), in all test shop images, or both")
     p.add_argument("--all-views", action="store_true", help="use every view, not only the main image (-0)")
-    p.add_argument("--ks", type=_parse_ks, default=DEFAULT_KS, help="comma-separated k values")
+    p.add_argument("--ks", type=parse_ks, default=DEFAULT_KS, help="comma-separated k values")
     p.add_argument("--save-rankings", default=None, help="write ranked ids + scores per query as JSON lines")
     p.add_argument("--rankings-k", type=int, default=50, help="how many ranked ids --save-rankings keeps")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N queries")

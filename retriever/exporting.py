@@ -20,7 +20,8 @@ import torch
 from lpr4m.cli import emit_json, setup_logging
 from lpr4m.errors import BadInput
 from lpr4m.io import atomic_path
-from retriever.config import config_path_for, sha256_file
+from lpr4m.io import sha256_file
+from retriever.config import config_path_for
 from retriever.embedder import build_model, load_embedder, pool_params_from_model, read_config
 
 logger = logging.getLogger(__name__)

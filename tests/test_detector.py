@@ -158,9 +158,12 @@ def test_training_run_folder_resume_and_offline(trained):
     assert config["dataset"]["train"]["frames"] > 0 and config["knobs"]["imgsz"] == IMGSZ
     assert trained.attempts == []  # nothing tried to reach the network (fonts, AMP check, pip, hub)
     assert os.environ["YOLO_OFFLINE"] == "1" and os.environ["YOLO_AUTOINSTALL"] == "false"
-    settings = json.loads((Path(os.environ["LPR_CACHE_DIR"]) / "ultralytics-config" / "Ultralytics" /
-                           "settings.json").read_text())
-    assert settings["sync"] is False and settings["datasets_dir"].startswith(os.environ["LPR_CACHE_DIR"])
+    # ultralytics fixes its settings file at first import (possibly by an earlier test module, with another
+    # LPR_CACHE_DIR): check the file it actually uses is ours, not the user's ~/.config/Ultralytics
+    settings_file = Path(os.environ["YOLO_CONFIG_DIR"]) / "Ultralytics" / "settings.json"
+    assert settings_file.parent.parent.name == "ultralytics-config"
+    settings = json.loads(settings_file.read_text())
+    assert settings["sync"] is False and settings["datasets_dir"].startswith(str(settings_file.parents[2]))
 
 
 def test_new_run_never_overwrites(trained):

@@ -10,7 +10,7 @@ from lpr4m.errors import BadInput
 from retriever.aggregate import aggregate, attention_weights, set_scores
 from retriever.config import EmbedderConfig, config_path_for
 from retriever.crops import clip_inputs, crop_boxes, even_indices, gt_crops, normalised_to_pixels
-from retriever.embedder import Embedder, TorchBackend, build_model, load_embedder, pool_params_from_model, save_checkpoint
+from retriever.embedder import Embedder, TorchBackend, load_embedder, pool_params_from_model, save_checkpoint
 from retriever.models import BackboneUnavailable, create_embedder, list_backbones
 from retriever.preprocess import resize, to_batch
 

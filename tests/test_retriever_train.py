@@ -12,7 +12,7 @@ import torch
 from lpr4m.cli import run_main
 from lpr4m.layout import Dataset
 from retriever import load_embedder
-from retriever.data import UniqueImageBatchSampler, load_pairs
+from retriever.data import UniqueImageBatchSampler
 from retriever.evaluation import main as evaluate_main
 from retriever.exporting import main as export_main
 from retriever.training import main as train_main
