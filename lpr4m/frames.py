@@ -17,6 +17,7 @@ import bisect
 import itertools
 import logging
 import math
+import os
 from fractions import Fraction
 from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple
@@ -320,6 +321,9 @@ def _worth_seeking(prev: float | None, target: float, t0: float, keys: list[floa
 
 # -- OpenCV fallback ------------------------------------------------------------------------------------------
 def _open_cv2(path: Path):
+    # OpenCV's FFmpeg backend logs its own "[mov @ 0x..] moov atom not found" lines on a bad file; we already
+    # report the failure as one BadInput line (read when the backend first opens a file, so set before that)
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
     import cv2
     cap = cv2.VideoCapture(str(path))
     if not cap.isOpened():
