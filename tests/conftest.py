@@ -54,3 +54,19 @@ def lpr4m_mini(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("lpr4m-mini") / "data"
     synthesize(root, seed=0, preset="test", progress_bar=False)
     return root
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models: one intra-op thread is as fast and does not spin against the decoder thread or other jobs."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def isolated_cache(tmp_path, monkeypatch):
+    """Index caches and ultralytics state go to a per-test folder, never the user's ~/.cache/lpr."""
+    monkeypatch.setenv("LPR_CACHE_DIR", str(tmp_path / "cache"))

@@ -15,6 +15,8 @@ import pytest
 
 from lpr4m.errors import BadInput
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "isolated_cache")
+
 
 # -- shared model helpers (memoised on disk under the session's base temp dir) -------------------------------
 def tiny_embedder_weights(base: Path, seed: int = 0, embed_dim: int = 32) -> Path:
@@ -64,21 +66,6 @@ def other_emb_weights(tmp_path_factory) -> Path:
 def embedder(emb_weights):
     from retriever.embedder import load_embedder
     return load_embedder(emb_weights)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny models: one intra-op thread is as fast and does not spin against the decoder thread or other jobs."""
-    import torch
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("LPR_CACHE_DIR", str(tmp_path / "cache"))
 
 
 # -- pure index behaviour on raw vectors ---------------------------------------------------------------------

@@ -11,6 +11,8 @@ import pytest
 
 from test_pipeline_index import tiny_embedder_weights, untrained_detector_weights
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "isolated_cache")
+
 
 @pytest.fixture(scope="module")
 def emb_weights(tmp_path_factory) -> Path:
@@ -25,21 +27,6 @@ def other_emb_weights(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def det_weights(tmp_path_factory) -> Path:
     return untrained_detector_weights(tmp_path_factory.getbasetemp())
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny models: one intra-op thread is as fast and does not spin against the decoder thread or other jobs."""
-    import torch
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("LPR_CACHE_DIR", str(tmp_path / "cache"))
 
 
 @pytest.fixture(scope="module")
