@@ -65,6 +65,23 @@ def _flat_ip(embs: np.ndarray):
     return index
 
 
+def _gallery_groups(query_galleries: Sequence[str | None], usable: Sequence[bool],
+                    galleries: Mapping[str, tuple[Sequence[str], np.ndarray]], out: list):
+    """Group usable queries by gallery so each gallery is searched once; yields ``(rows, ids, embs)`` for
+    non-empty galleries and fills ``out`` with an empty ranking for queries whose gallery is empty or unknown."""
+    by_gallery: dict[str, list[int]] = {}
+    for i, (name, ok) in enumerate(zip(query_galleries, usable)):
+        if name is not None and ok:
+            by_gallery.setdefault(name, []).append(i)
+    for name, rows in by_gallery.items():
+        ids, embs = galleries.get(name, ((), None))
+        if embs is None or len(ids) == 0:
+            for i in rows:
+                out[i] = ([], np.zeros(0, np.float32))
+            continue
+        yield rows, ids, embs
+
+
 def search_galleries(query_embs: np.ndarray, query_galleries: Sequence[str | None],
                      galleries: Mapping[str, tuple[Sequence[str], np.ndarray]], k: int = 10):
     """faiss exact inner-product search of each query in its own gallery.
@@ -75,16 +92,7 @@ def search_galleries(query_embs: np.ndarray, query_galleries: Sequence[str | Non
     """
     query_embs = np.ascontiguousarray(query_embs, np.float32)
     out: list = [None] * len(query_galleries)
-    by_gallery: dict[str, list[int]] = {}
-    for i, name in enumerate(query_galleries):
-        if name is not None:
-            by_gallery.setdefault(name, []).append(i)
-    for name, rows in by_gallery.items():
-        ids, embs = galleries.get(name, ((), None))
-        if embs is None or len(ids) == 0:
-            for i in rows:
-                out[i] = ([], np.zeros(0, np.float32))
-            continue
+    for rows, ids, embs in _gallery_groups(query_galleries, [True] * len(query_galleries), galleries, out):
         kk = min(k, len(ids))
         dist, idx = _flat_ip(embs).search(query_embs[rows], kk)
         for r, i in enumerate(rows):
@@ -97,16 +105,8 @@ def search_sets(query_sets: Sequence[np.ndarray | None], query_galleries: Sequen
                 galleries: Mapping[str, tuple[Sequence[str], np.ndarray]], k: int = 10):
     """Set-to-image max-similarity search: a clip scores an image by its best frame (``aggregate`` "max")."""
     out: list = [None] * len(query_sets)
-    by_gallery: dict[str, list[int]] = {}
-    for i, (s, name) in enumerate(zip(query_sets, query_galleries)):
-        if name is not None and s is not None and len(s):
-            by_gallery.setdefault(name, []).append(i)
-    for name, rows in by_gallery.items():
-        ids, embs = galleries.get(name, ((), None))
-        if embs is None or len(ids) == 0:
-            for i in rows:
-                out[i] = ([], np.zeros(0, np.float32))
-            continue
+    usable = [q is not None and len(q) > 0 for q in query_sets]
+    for rows, ids, embs in _gallery_groups(query_galleries, usable, galleries, out):
         frames = np.concatenate([query_sets[i] for i in rows]).astype(np.float32)
         starts = np.cumsum([0] + [len(query_sets[i]) for i in rows[:-1]])
         sims = np.maximum.reduceat(frames @ np.asarray(embs, np.float32).T, starts, axis=0)
