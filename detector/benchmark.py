@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=7, help="timed runs per setting (the median is reported)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2, help="intra-op threads for both runtimes")
+    p.add_argument("--device", default="cpu", help="cpu, or 0 / cuda:0 for PyTorch on the GPU and ONNX Runtime's "
+                                                   "TensorRT/CUDA providers when it has them")
     p.add_argument("--out", help="write the JSON rows here instead of stdout")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -83,10 +85,12 @@ def run(args) -> dict:
             weights = _untrained_weights(args.model_yaml, Path(tmp), max(args.imgsz))
             note = f"untrained {args.model_yaml}"
         for imgsz in args.imgsz:
-            pt = load_detector(weights, imgsz=imgsz, conf=0.25)
+            pt = load_detector(weights, imgsz=imgsz, conf=0.25, device=args.device)
             onnx_path = Path(tmp) / f"d{imgsz}.onnx"
             export_onnx(weights, onnx_path, imgsz=imgsz)
-            ort = Detector(OnnxBackend(onnx_path, "cpu", threads=args.threads), pt.config, conf=0.25, imgsz=imgsz)
+            ort_backend = OnnxBackend(onnx_path, args.device, threads=args.threads)
+            providers = ort_backend.providers
+            ort = Detector(ort_backend, pt.config, conf=0.25, imgsz=imgsz)
             for bs in args.batch:
                 frames = bench_frames(bs)
                 batch, _ = preprocess(frames, imgsz)
@@ -100,7 +104,8 @@ def run(args) -> dict:
                 rows.append({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})
                 logger.info("imgsz %d batch %d: torch %.1f ms/frame, onnxruntime %.1f ms/frame", imgsz, bs,
                             row["torch_ms"], row["onnxruntime_ms"])
-    return {"weights": note, "threads": args.threads, "runs": args.runs, "torch": torch.__version__,
+    return {"weights": note, "threads": args.threads, "runs": args.runs, "device": args.device,
+            "onnxruntime_providers": providers, "torch": torch.__version__,
             "onnxruntime": _ort_version(), "rows": rows}
 
 
@@ -128,7 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.runs < 1:
         raise BadInput(None, "--runs must be >= 1")
     result = run(args)
-    print(f"weights: {result['weights']}  threads: {args.threads}  median of {args.runs} runs  "
+    print(f"weights: {result['weights']}  device: {args.device}  ORT: {result['onnxruntime_providers'][0]}  "
+          f"threads: {args.threads}  median of {args.runs} runs  "
           f"(torch {result['torch']}, onnxruntime {result['onnxruntime']})", file=sys.stderr)
     print(table(result), file=sys.stderr)
     emit_json(result, args.out)

@@ -93,25 +93,32 @@ def export_onnx(weights, output=None, imgsz: int | None = None, opset: int = OPS
 
 
 def parity(weights, onnx_path, imgsz: int | None = None, frames=None, conf: float = 0.05) -> dict:
-    """Max box (px) and score differences between PyTorch and ONNX Runtime on fixed frames, plus raw-output diff."""
+    """PyTorch vs ONNX Runtime on fixed frames: the network outputs of every anchor (boxes in px, scores), and the
+    detections after the shared NMS.
+
+    The verdict (``ok``) is on the network outputs. Both backends share the NMS code, but a barely trained network
+    gives near-duplicate boxes whose overlap sits at the NMS threshold, and a 1e-4 px difference can keep one more
+    of them; such frames are counted in ``count_mismatch`` and left out of the detection differences.
+    """
     from detector.infer import load_detector, preprocess
     frames = frames if frames is not None else parity_frames()
     ref = load_detector(weights, conf=conf, imgsz=imgsz)
     test = load_detector(onnx_path, conf=conf, imgsz=imgsz)
     batch, _ = preprocess(frames, ref.imgsz)
-    raw_diff = float(np.abs(ref.raw(batch) - test.raw(batch)).max())
+    raw_a, raw_b = ref.raw(batch), test.raw(batch)  # (B, 4 + nc, anchors): xywh in input px, then class scores
+    raw_box_diff = float(np.abs(raw_a[:, :4] - raw_b[:, :4]).max())
+    raw_score_diff = float(np.abs(raw_a[:, 4:] - raw_b[:, 4:]).max())
     a, b = ref.detect(frames), test.detect(frames)
     box_diff, score_diff, count_mismatch = 0.0, 0.0, 0
     for da, db in zip(a, b):
         if len(da) != len(db):
             count_mismatch += 1
-        n = min(len(da), len(db))
-        if n:
-            box_diff = max(box_diff, float(np.abs(da.xyxy[:n] - db.xyxy[:n]).max()))
-            score_diff = max(score_diff, float(np.abs(da.scores[:n] - db.scores[:n]).max()))
+        elif len(da):
+            box_diff = max(box_diff, float(np.abs(da.xyxy - db.xyxy).max()))
+            score_diff = max(score_diff, float(np.abs(da.scores - db.scores).max()))
     return {"frames": len(frames), "boxes": sum(len(d) for d in a), "max_box_diff_px": box_diff,
-            "max_score_diff": score_diff, "count_mismatch": count_mismatch, "max_raw_diff": raw_diff,
-            "ok": box_diff <= 1.0 and score_diff <= 1e-3 and count_mismatch == 0}
+            "max_score_diff": score_diff, "count_mismatch": count_mismatch, "max_raw_box_diff_px": raw_box_diff,
+            "max_raw_score_diff": raw_score_diff, "ok": raw_box_diff <= 1.0 and raw_score_diff <= 1e-3}
 
 
 def tensorrt_available() -> tuple[bool, str]:

