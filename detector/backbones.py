@@ -75,7 +75,6 @@ class EfficientNetLite(nn.Module):
                 out.append(x)
         return out
 
-
     @torch.no_grad()
     def fuse(self) -> "EfficientNetLite":
         """Inference form: BatchNorm folded into the convolutions and "same" padding made constant.

@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--strict", action="store_true", help="stop at the first bad row or missing frame")
     m = p.add_argument_group("model and schedule (flags override the preset)")
     m.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    m.add_argument("--model", help="model YAML (yolo11n.yaml), our .safetensors, or an ultralytics .pt to fine-tune")
+    m.add_argument("--model", help="model YAML (ours: yolo11-lite0.yaml; ultralytics: yolo11n.yaml, ...), our "
+                                   ".safetensors, or an ultralytics .pt to fine-tune")
     m.add_argument("--trust-pickle", action="store_true",
                    help="allow unpickling a --model .pt that the restricted loader refuses (runs code in the file!)")
     m.add_argument("--epochs", type=int)
