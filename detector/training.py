@@ -203,9 +203,9 @@ def publish_run(run_dir: Path, made_by: str, imgsz: int) -> dict:
     names = model.names if isinstance(model.names, dict) else dict(enumerate(model.names))
     metrics = _final_metrics(run_dir)
     yaml_file = Path(str(model.yaml.get("yaml_file", "")))
-    cfg = DetectorConfig(model=yaml_file.name if yaml_file.parent == yolo.PROJECT_MODELS else str(yaml_file),
-                         model_yaml=yolo.model_yaml(model.yaml,
-                         len(names)), nc=len(names), names=[names[i] for i in sorted(names)], imgsz=int(imgsz),
+    model_name = yaml_file.name if yaml_file.parent == yolo.PROJECT_MODELS else str(yaml_file)  # ours: no local path
+    cfg = DetectorConfig(model=model_name, model_yaml=yolo.model_yaml(model.yaml, len(names)), nc=len(names),
+                         names=[names[i] for i in sorted(names)], imgsz=int(imgsz),
                          stride=int(max(model.stride)), sha256=yolo.sha256_file(out), made_by=made_by,
                          source=str(run_dir), metrics=metrics, ultralytics_version=yolo.version())
     cfg.save(out.with_suffix(".json"))

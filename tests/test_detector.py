@@ -396,7 +396,16 @@ def test_engine_build_and_detect(trained, tmp_path):
     assert [len(x) for x in a] == [len(x) for x in b]
 
 
-@pytest.mark.parametrize("script", ["train", "evaluate", "export", "bench"])
+def test_dataset_build_benchmark_counts_every_frame(tmp_path, capsys):
+    from detector.dataset_benchmark import main
+    assert run_main(main, ["--clips", "5", "--frames-per-clip", "2", "--runs", "1", "--tmp", str(tmp_path)]) == 0
+    (row,) = json.loads(capsys.readouterr().out)["rows"]
+    assert row["frames"] == 5 * 2 + 2 * 2  # 5 training clips, round(5 * 0.45) = 2 test clips, 2 frames each
+    assert row["build_s"] > 0 and row["vs_baseline"] > 0 and row["peak_mb"] > 0 and row["reuse_s"] < row["build_s"]
+    assert list(tmp_path.iterdir()) == []  # generated datasets are removed
+
+
+@pytest.mark.parametrize("script", ["train", "evaluate", "export", "bench", "bench_dataset"])
 def test_scripts_run_from_repo_root(script):
     r = subprocess.run([sys.executable, f"detector/{script}.py", "--help"], cwd=REPO, capture_output=True,
                        text=True, timeout=120)
