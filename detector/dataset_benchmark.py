@@ -25,8 +25,9 @@ from lpr4m.cli import emit_json, setup_logging
 from lpr4m.errors import BadInput
 
 logger = logging.getLogger(__name__)
-LPR4M_FRAMES = 1_120_000 + 501_000  # boxed training + test frames of LPR4M's detection subset
-TEST_RATIO = 501_000 / 1_120_000
+LPR4M_TRAIN_FRAMES, LPR4M_TEST_FRAMES = 1_120_000, 501_000  # boxed frames of LPR4M's detection subset
+LPR4M_FRAMES = LPR4M_TRAIN_FRAMES + LPR4M_TEST_FRAMES
+TEST_RATIO = LPR4M_TEST_FRAMES / LPR4M_TRAIN_FRAMES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,30 +50,31 @@ def _video_id(live: str, i: int) -> str:
 def make_annotation_dataset(root: Path, clips: int, frames_per_clip: int) -> int:
     """An LPR4M root with ``clips`` boxed training clips and ~0.45x as many boxed test frames; returns all frames."""
     from lpr4m.annotations import TrainingClip, write_id_map, write_training_videoinfo
+    from lpr4m.layout import Dataset
     (root / "annotations").mkdir(parents=True)
+    ds = Dataset(root)
     live, image = str(uuid.UUID(int=1)), str(uuid.UUID(int=2))
     box = [0.2, 0.25, 0.6, 0.75]
 
+    def placeholder_clip(split_dir: str, i: int) -> tuple[str, list[str]]:
+        """A clip's frame ids, each with a one-byte file where the layout puts it (the builder only stats it)."""
+        vid = _video_id(live, i)
+        frames = [f"{vid}-{j:04d}" for j in range(frames_per_clip)]
+        folder = ds.path(split_dir, vid)
+        folder.mkdir(parents=True)
+        for f in frames:
+            (folder / f"{f}.jpg").write_bytes(b"\xff")
+        return vid, frames
+
     def clip_rows():
         for i in range(clips):
-            vid = _video_id(live, i)
-            frames = [f"{vid}-{j:04d}" for j in range(frames_per_clip)]
-            folder = root / "training_video" / vid
-            folder.mkdir(parents=True)
-            for f in frames:
-                (folder / f"{f}.jpg").write_bytes(b"\xff")
+            vid, frames = placeholder_clip("training_video", i)
             yield TrainingClip(vid, frames, [[box] for _ in frames], image)
 
     write_training_videoinfo(root / "annotations" / "training_videoinfo.txt", clip_rows())
-    test_clips = max(1, round(clips * TEST_RATIO))
     gt = {}
-    for i in range(test_clips):
-        vid = _video_id(live, clips + i)
-        folder = root / "query" / vid
-        folder.mkdir(parents=True)
-        for j in range(frames_per_clip):
-            gt[f"{vid}-{j:04d}"] = [box]
-            (folder / f"{vid}-{j:04d}.jpg").write_bytes(b"\xff")
+    for i in range(max(1, round(clips * TEST_RATIO))):
+        gt.update((f, [box]) for f in placeholder_clip("query", clips + i)[1])
     write_id_map(root / "annotations" / "test_frameid2gtbox.json", gt)
     return clips * frames_per_clip + len(gt)
 
