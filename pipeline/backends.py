@@ -110,6 +110,6 @@ def load_detector(weights=None, backend: str = "torch", device: str = "cpu", con
     path = Path(weights) if weights else default_weights("detector", backend)
     if not path.is_file():
         raise BadInput(path, "detector weights not found")
-    det = _load(path, device=device, conf=conf, imgsz=imgsz)
+    det = _load(path, device=device, conf=conf, imgsz=imgsz, spin_wait=False)  # the video decoder runs beside it
     logger.info("detector %s", path.name)
     return det

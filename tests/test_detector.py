@@ -192,7 +192,8 @@ def test_start_weights_from_safetensors_load_safely(trained, tmp_path):
 
 
 def test_pretrained_backbone_inference_form_matches_training_form():
-    """fuse(): BatchNorm folded and constant "same" pads give the outputs of timm's layers, for multiples of 32."""
+    """inference_model(): the trunk's folded BatchNorm and constant "same" pads, and the head's distance expectation
+    along the bins' axis, give the training form's outputs for multiples of 32."""
     import copy
 
     import torch
@@ -208,6 +209,7 @@ def test_pretrained_backbone_inference_form_matches_training_form():
     reference = copy.deepcopy(model)
     fused = yolo.inference_model(model)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.m.model[0].modules())
+    assert type(fused.m.model[-1].dfl).__name__ == "ExpectedDistance"
     for size in (64, 96):
         x = torch.rand(2, 3, size, size)
         with torch.inference_mode():
@@ -326,10 +328,24 @@ def test_onnx_export_parity(trained, tmp_path, which):
     assert p["max_box_diff_px"] <= 1.0 and p["max_score_diff"] <= 1e-3, p
     if which == "bundled":  # trained: no near-duplicate boxes at the NMS threshold, so the same detections
         assert p["count_mismatch"] == 0, p
+        # the lite0 trunk's five "same" pads: ONNX Runtime folds every one into its Conv
+        assert sum(n.op_type == "Pad" for n in proto.graph.node) == 5
+        assert _ort_optimized_op_count(out, tmp_path, "Pad") == 0
     onnx_det = load_detector(out)
     assert onnx_det.name == "onnxruntime" and onnx_det.backend.providers[-1] == "CPUExecutionProvider"
     assert len(onnx_det.detect(frames * 3)) == len(frames) * 3  # batches larger than one run through
     assert res["size_mb"] < 25
+
+
+def _ort_optimized_op_count(onnx_path, tmp_path, op_type: str) -> int:
+    """How many ``op_type`` nodes are left after ONNX Runtime's portable (basic) graph optimisations."""
+    import onnx
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    opts.optimized_model_filepath = str(tmp_path / "ort-optimized.onnx")
+    ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    return sum(n.op_type == op_type for n in onnx.load(opts.optimized_model_filepath).graph.node)
 
 
 def test_detect_api_shapes_and_batching(trained):
