@@ -219,11 +219,11 @@ def inference_model(model):
     if getattr(head, "end2end", False):
         raise BadInput(None, "end-to-end (NMS-free) heads are not supported; use a yolov8/yolo11 model YAML")
     if isinstance(getattr(head, "dfl", None), ul().nn.modules.block.DFL):
-        head.dfl = _ExpectedDistance(head.dfl)
+        head.dfl = _expected_distance(head.dfl)
     return _Raw(model).eval()
 
 
-def _ExpectedDistance(dfl):
+def _expected_distance(dfl):
     """ultralytics' ``DFL`` (softmax over the distance bins, then their expectation by a 1x1 conv) computed along
     the bins' own axis, without the transpose. Same numbers (within 1e-5 px); in ONNX Runtime the head's softmax
     over a middle axis was the single slowest node (9% of the network at 320 px): 2.1 -> 0.13 ms/frame."""
