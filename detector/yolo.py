@@ -93,17 +93,42 @@ def ul():
 
 
 def _register_backbones() -> None:
-    """Make our pretrained backbones nameable in model YAMLs and loadable by the safe (weights_only) loader."""
-    import torch
+    """Make our pretrained backbones nameable in model YAMLs (importing them also allow-lists them for the safe
+    weights_only loader)."""
     from ultralytics.nn import tasks
 
     from detector import backbones
     tasks.EfficientNetLite = backbones.EfficientNetLite  # parse_model looks layer names up in tasks' globals
-    torch.serialization.add_safe_globals(backbones.safe_classes())
 
 
 def version() -> str:
     return ul().__version__
+
+
+_TRAINER = None
+
+
+def detection_trainer():
+    """ultralytics' detection trainer as ``detector.yolo.DetectionTrainer``.
+
+    ultralytics' multi-GPU launch pickles the trainer's class into a file that fresh worker processes load. With
+    this subclass named there, every worker imports this module and calls ``ul()`` first, which registers our
+    layers: the workers can then parse a model YAML that names them and read a checkpoint holding them with the
+    safe loader (a resumed run). Built on first use, so importing this module does not import ultralytics.
+    """
+    global _TRAINER
+    if _TRAINER is None:
+        ul()
+        from ultralytics.models.yolo.detect import DetectionTrainer
+        _TRAINER = type("DetectionTrainer", (DetectionTrainer,), {"__module__": __name__,
+                                                                  "__qualname__": "DetectionTrainer"})
+    return _TRAINER
+
+
+def __getattr__(name: str):
+    if name == "DetectionTrainer":  # the name a worker unpickles
+        return detection_trainer()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # -- models -----------------------------------------------------------------------------------------------------
@@ -120,11 +145,6 @@ def _project_backbone_layers(desc: dict):
     for i, (_, _, module, args) in enumerate(desc.get("backbone", []) + desc.get("head", [])):
         if module == "EfficientNetLite":
             yield i, args
-
-
-def uses_project_backbone(desc: dict) -> bool:
-    """Whether a model description has a layer only our process registers (so ultralytics' DDP workers lack it)."""
-    return any(True for _ in _project_backbone_layers(desc))
 
 
 def frozen_layers(desc: dict) -> list[str]:
@@ -358,7 +378,7 @@ def train(model: str, data_yaml: Path, project: Path, name: str, overrides: dict
         for fn in fns:
             yolo.add_callback(event, fn)
     with contextlib.redirect_stdout(sys.stderr):  # progress bars and prints: keep stdout for our JSON
-        yolo.train(**args)
+        yolo.train(**args, trainer=detection_trainer())
     return Path(yolo.trainer.save_dir)
 
 

