@@ -52,6 +52,10 @@ step det_train 0 "$PY" detector/train.py --data "$DATA" --preset gpu --epochs "$
     --runs-dir "$OUT/runs/detector" --name gpu
 DET=$(ls -t "$OUT"/runs/detector/*/weights/detector.safetensors 2>/dev/null | head -n 1)
 DET=${DET:-weights/detector.safetensors}
+if [ "$("$PY" -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then  # ultralytics DDP, our trunk
+    step det_train_ddp 0 "$PY" detector/train.py --data "$DATA" --preset gpu --model yolo11-lite0.yaml --epochs 2 \
+        --batch 32 --device 0,1 --runs-dir "$OUT/runs/detector-ddp" --name ddp
+fi
 step det_eval_gpu 0 "$PY" detector/evaluate.py --data "$DATA" --weights "$DET" --device 0
 step det_eval_cpu 0 "$PY" detector/evaluate.py --data "$DATA" --weights "$DET" --device cpu
 step det_bench_gpu 0 "$PY" detector/bench.py --weights "$DET" --device 0 --threads 8 --runs 20
