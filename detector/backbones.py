@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 _LOAD_IMAGENET = True  # off while rebuilding a model whose weights come from our own file next
@@ -85,6 +84,8 @@ class EfficientNetLite(nn.Module):
         The result is for inference only (its state dict no longer matches the training one).
         """
         from timm.layers.conv2d_same import Conv2dSame
+
+        from retriever.models.same_pad import EvenSizeSameConv
         pairs = [(self.stem, "0", "1")]
         for stage in self.blocks:
             for block in stage:
@@ -100,26 +101,6 @@ class EfficientNetLite(nn.Module):
             parent._modules[conv_name] = conv
             parent._modules[bn_name] = nn.Sequential(bn.drop, bn.act)
         return self
-
-
-class EvenSizeSameConv(nn.Conv2d):
-    """A strided conv with TensorFlow's "same" padding as constant pads.
-
-    Exact for inputs whose sides divide by the stride, which holds for every input a detector sees (multiples of 32).
-    timm's ``Conv2dSame`` computes the pads from the input shape at run time: in PyTorch that is one more copy, and
-    in ONNX a chain of shape ops and a ``Pad`` that ONNX Runtime cannot fold into the ``Conv``.
-    """
-
-    def __init__(self, conv: nn.Conv2d):
-        super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, 0, conv.dilation,
-                         conv.groups, conv.bias is not None)
-        self.load_state_dict(conv.state_dict())
-        (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
-        th, tw = max((kh - 1) * dh + 1 - sh, 0), max((kw - 1) * dw + 1 - sw, 0)  # timm's pad for size % stride == 0
-        self.same_pads = (tw // 2, tw - tw // 2, th // 2, th - th // 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(F.pad(x, self.same_pads), self.weight, self.bias)
 
 
 def _fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:

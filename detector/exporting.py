@@ -63,6 +63,7 @@ def export_onnx(weights, output=None, imgsz: int | None = None, opset: int = OPS
 
     from detector import yolo
     from detector.infer import load_torch_model
+    from retriever.models.same_pad import drop_trailing_empty_inputs
     weights = Path(weights)
     model, cfg = load_torch_model(weights, trust_pickle=trust_pickle)
     imgsz = int(imgsz or cfg.imgsz)
@@ -79,7 +80,7 @@ def export_onnx(weights, output=None, imgsz: int | None = None, opset: int = OPS
                           output_names=["output0"], dynamic_axes={"images": {0: "batch"}, "output0": {0: "batch"}},
                           do_constant_folding=True)
         proto = onnx.load(str(tmp))
-        drop_trailing_empty_inputs(proto.graph)
+        drop_trailing_empty_inputs(proto.graph)  # lets ONNX Runtime fuse the trunk's "same" pads into its convs
         onnx_cfg = DetectorConfig(**{**cfg.to_dict(), "weights_format": "onnx", "imgsz": imgsz,
                                      "source": str(weights), "sha256": cfg.sha256 or yolo.sha256_file(weights)})
         meta = {"lpr_detector_config": json.dumps(onnx_cfg.to_dict()), "imgsz": str(imgsz), "stride": str(cfg.stride),
@@ -93,21 +94,6 @@ def export_onnx(weights, output=None, imgsz: int | None = None, opset: int = OPS
                 output.stat().st_size / 1e6)
     return {"output": str(output), "imgsz": imgsz, "opset": opset, "sha256": yolo.sha256_file(output),
             "size_mb": round(output.stat().st_size / 1e6, 2)}
-
-
-def drop_trailing_empty_inputs(graph) -> int:
-    """Remove the empty optional inputs the exporter writes at the end of a node's inputs (``Pad(x, pads, "")``).
-
-    ONNX Runtime fuses a constant zero ``Pad`` into the next ``Conv`` only when every input it has is a constant,
-    and an empty name is not one. With the pads left unfused, each strided depthwise conv of the EfficientNet
-    trunk also leaves ONNX Runtime's blocked (NCHWc) layout and comes back: 10-18% of the CPU time at 320-640 px.
-    """
-    dropped = 0
-    for node in graph.node:
-        while node.input and node.input[-1] == "":
-            node.input.pop()
-            dropped += 1
-    return dropped
 
 
 def parity(weights, onnx_path, imgsz: int | None = None, frames=None, conf: float = 0.05) -> dict:

@@ -70,3 +70,20 @@ def one_torch_thread():
 def isolated_cache(tmp_path, monkeypatch):
     """Index caches and ultralytics state go to a per-test folder, never the user's ~/.cache/lpr."""
     monkeypatch.setenv("LPR_CACHE_DIR", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def ort_ops(tmp_path):
+    """``ort_ops(model.onnx)``: how many nodes of each op type ONNX Runtime's portable (basic) graph optimisations
+    leave, e.g. to check that it fused every ``Pad`` into its ``Conv``."""
+    import collections
+
+    def count(onnx_path) -> collections.Counter:
+        import onnx
+        import onnxruntime as ort
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        opts.optimized_model_filepath = str(tmp_path / "ort-optimized.onnx")
+        ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+        return collections.Counter(n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node)
+    return count

@@ -325,7 +325,7 @@ def test_ap_agrees_with_ultralytics_validation(trained):
 
 # -- export and backends ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("which", ["tiny", "bundled"])
-def test_onnx_export_parity(trained, tmp_path, which):
+def test_onnx_export_parity(trained, tmp_path, which, ort_ops):
     from detector import exporting
     from detector.infer import load_detector
     if which == "bundled" and not BUNDLED.is_file():
@@ -348,22 +348,11 @@ def test_onnx_export_parity(trained, tmp_path, which):
         assert p["count_mismatch"] == 0, p
         # the lite0 trunk's five "same" pads: ONNX Runtime folds every one into its Conv
         assert sum(n.op_type == "Pad" for n in proto.graph.node) == 5
-        assert _ort_optimized_op_count(out, tmp_path, "Pad") == 0
+        assert ort_ops(out)["Pad"] == 0
     onnx_det = load_detector(out)
     assert onnx_det.name == "onnxruntime" and onnx_det.backend.providers[-1] == "CPUExecutionProvider"
     assert len(onnx_det.detect(frames * 3)) == len(frames) * 3  # batches larger than one run through
     assert res["size_mb"] < 25
-
-
-def _ort_optimized_op_count(onnx_path, tmp_path, op_type: str) -> int:
-    """How many ``op_type`` nodes are left after ONNX Runtime's portable (basic) graph optimisations."""
-    import onnx
-    import onnxruntime as ort
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    opts.optimized_model_filepath = str(tmp_path / "ort-optimized.onnx")
-    ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
-    return sum(n.op_type == op_type for n in onnx.load(opts.optimized_model_filepath).graph.node)
 
 
 def test_detect_api_shapes_and_batching(trained):
