@@ -83,9 +83,7 @@ class EfficientNetLite(nn.Module):
         Both are what ultralytics' own ``fuse()`` does for its layers; this trunk is timm's, so it needs its own.
         The result is for inference only (its state dict no longer matches the training one).
         """
-        from timm.layers.conv2d_same import Conv2dSame
-
-        from retriever.models.same_pad import EvenSizeSameConv
+        from retriever.models.same_pad import constant_same_pads
         pairs = [(self.stem, "0", "1")]
         for stage in self.blocks:
             for block in stage:
@@ -94,12 +92,10 @@ class EfficientNetLite(nn.Module):
                 else:  # DepthwiseSeparableConv
                     pairs += [(block, "conv_dw", "bn1"), (block, "conv_pw", "bn2")]
         for parent, conv_name, bn_name in pairs:
-            conv, bn = getattr(parent, conv_name), getattr(parent, bn_name)
-            if isinstance(conv, Conv2dSame):
-                conv = EvenSizeSameConv(conv)
-            _fold_batchnorm(conv, bn)
-            parent._modules[conv_name] = conv
+            bn = getattr(parent, bn_name)
+            _fold_batchnorm(getattr(parent, conv_name), bn)
             parent._modules[bn_name] = nn.Sequential(bn.drop, bn.act)
+        constant_same_pads(self)
         return self
 
 
