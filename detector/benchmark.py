@@ -16,8 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from lpr4m.cli import emit_json, setup_logging
-from lpr4m.errors import BadInput
+from lpr4m.cli import device_arg, emit_json, image_size, nonnegative_int, output_file, positive_int, setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -28,14 +27,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default="weights/detector.safetensors",
                    help="our .safetensors; when missing, an untrained --model-yaml network is timed instead")
     p.add_argument("--model-yaml", default="yolo11n.yaml")
-    p.add_argument("--imgsz", type=int, nargs="+", default=[320, 640])
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--runs", type=int, default=9, help="timed runs per setting (the median is reported)")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--threads", type=int, default=2, help="intra-op threads for both runtimes")
-    p.add_argument("--device", default="cpu", help="cpu, or 0 / cuda:0 for PyTorch on the GPU and ONNX Runtime's "
+    p.add_argument("--imgsz", type=image_size, nargs="+", default=[320, 640])
+    p.add_argument("--batch", type=positive_int, nargs="+", default=[1, 8])
+    p.add_argument("--runs", type=positive_int, default=9, help="timed runs per setting (the median is reported)")
+    p.add_argument("--warmup", type=nonnegative_int, default=1)
+    p.add_argument("--threads", type=positive_int, default=2, help="intra-op threads for both runtimes")
+    p.add_argument("--device", type=device_arg, default="cpu",
+                   help="cpu, or 0 / cuda:0 for PyTorch on the GPU and ONNX Runtime's "
                                                    "TensorRT/CUDA providers when it has them")
-    p.add_argument("--out", help="write the JSON rows here instead of stdout")
+    p.add_argument("--out", type=output_file, help="write the JSON rows here instead of stdout")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -140,8 +140,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     import sys
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    if args.runs < 1:
-        raise BadInput(None, "--runs must be >= 1")
     result = run(args)
     print(f"weights: {result['weights']}  device: {args.device}  ORT: {result['onnxruntime_providers'][0]}  "
           f"threads: {args.threads}  median of {args.runs} runs  "

@@ -82,10 +82,12 @@ def yolo_label(boxes: Iterable) -> tuple[str, int]:
     return "".join(line + "\n" for line in lines), dropped
 
 
-def _write_chunk(task) -> tuple[list[str], dict]:
-    """Worker: link each clip's frame folder, write its labels; returns the list lines and counts."""
+def _write_chunk(task) -> tuple[list[str], dict, dict]:
+    """Worker: link each clip's frame folder, write its labels; returns the list lines, counts and the first frame
+    of each kind of problem (what --strict names)."""
     split, out_root, items = task
     counts: Counter = Counter()
+    first: dict[str, str] = {}
     lines: list[str] = []
     out_root = Path(out_root)
     for video_id, frame_dir, frames in items:
@@ -100,19 +102,23 @@ def _write_chunk(task) -> tuple[list[str], dict]:
             try:
                 if os.stat(frame).st_size == 0:
                     counts["empty_frame"] += 1
+                    first.setdefault("empty_frame", frame)
                     continue
             except FileNotFoundError:
                 counts["missing_frame"] += 1
+                first.setdefault("missing_frame", frame)
                 continue
             text, dropped = yolo_label(boxes)
             counts["degenerate_box"] += dropped
+            if dropped:
+                first.setdefault("degenerate_box", frame)
             with open(label_dir / (frame_id + ".txt"), "w", encoding="utf-8") as f:
                 f.write(text)
             lines.append(f"./images/{split}/{video_id}/{frame_id}.jpg\n")
             counts["frames"] += 1
             counts["boxes"] += text.count("\n")
             counts["background_frames"] += text == ""
-    return lines, dict(counts)
+    return lines, dict(counts), first
 
 
 def spread(items: list, n: int | None) -> list:
@@ -146,21 +152,24 @@ def _chunks(it: Iterator, n: int) -> Iterator[list]:
 
 def _run_split(split: str, items: Iterator, out: Path, workers: int, problems: Problems) -> dict:
     counts: Counter = Counter()
+    first: dict[str, str] = {}
     tasks = ((split, str(out), chunk) for chunk in _chunks(items, CHUNK))
     bar = progress(desc=f"labels {split}", unit="frame")
     with atomic_write(out / f"{split}.txt") as f:
         if workers > 1:
             with get_context("fork" if os.name == "posix" else "spawn").Pool(workers) as pool:
                 results = pool.imap(_write_chunk, tasks)
-                for lines, c in results:
+                for lines, c, bad in results:
                     f.writelines(lines)
                     counts.update(c)
+                    first = {**bad, **first}
                     bar.update(c.get("frames", 0))
         else:
             for task in tasks:
-                lines, c = _write_chunk(task)
+                lines, c, bad = _write_chunk(task)
                 f.writelines(lines)
                 counts.update(c)
+                first = {**bad, **first}
                 bar.update(c.get("frames", 0))
     bar.close()
     for kind in ("missing_frame", "empty_frame", "degenerate_box"):
@@ -168,7 +177,7 @@ def _run_split(split: str, items: Iterator, out: Path, workers: int, problems: P
             problems.counts[kind] += counts[kind]
             problems.messages.append(f"{split}: {counts[kind]} {kind.replace('_', ' ')}(s) skipped")
             if problems.strict:
-                raise BadInput(out / f"{split}.txt", f"{counts[kind]} {kind.replace('_', ' ')}(s) in the {split} split")
+                raise BadInput(first[kind], f"{kind.replace('_', ' ')} ({counts[kind]} in the {split} split)")
     return dict(counts)
 
 

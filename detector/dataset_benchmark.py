@@ -21,7 +21,7 @@ import uuid
 from pathlib import Path
 from typing import Sequence
 
-from lpr4m.cli import emit_json, setup_logging
+from lpr4m.cli import emit_json, output_file, positive_int, setup_logging
 from lpr4m.errors import BadInput
 
 logger = logging.getLogger(__name__)
@@ -33,12 +33,13 @@ TEST_RATIO = LPR4M_TEST_FRAMES / LPR4M_TRAIN_FRAMES
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python detector/bench_dataset.py", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--clips", type=int, nargs="+", default=[2000, 8000, 32000], help="training clips per size")
-    p.add_argument("--frames-per-clip", type=int, default=10)
-    p.add_argument("--workers", type=int, default=2, help="builder processes (the training default is min(8, cpus))")
-    p.add_argument("--runs", type=int, default=3, help="fresh builds per size (the median is reported)")
+    p.add_argument("--clips", type=positive_int, nargs="+", default=[2000, 8000, 32000], help="training clips per size")
+    p.add_argument("--frames-per-clip", type=positive_int, default=10)
+    p.add_argument("--workers", type=positive_int, default=2,
+                   help="builder processes (the training default is min(8, cpus))")
+    p.add_argument("--runs", type=positive_int, default=3, help="fresh builds per size (the median is reported)")
     p.add_argument("--tmp", help="folder for the generated datasets (default: the system temp folder)")
-    p.add_argument("--out", help="write the JSON rows here instead of stdout")
+    p.add_argument("--out", type=output_file, help="write the JSON rows here instead of stdout")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 

@@ -19,7 +19,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from detector.metrics import coco_box_map, coco_detections, coco_ground_truth
-from lpr4m.cli import emit_json, progress, setup_logging
+from lpr4m.cli import device_arg, emit_json, fraction, image_size, output_file, positive_int, progress, setup_logging
 from lpr4m.errors import BadInput, Problems
 from lpr4m.ids import parse_frame_id
 from lpr4m.images import load_rgb
@@ -34,16 +34,16 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", required=True, help="LPR4M dataset root with test_frameid2gtbox and query/ frames")
     p.add_argument("--weights", default="weights/detector.safetensors", help=".safetensors/.pt, .onnx or .engine")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--imgsz", type=int, help="input size (default: the one in the weights' config)")
-    p.add_argument("--conf", type=float, default=0.001, help="score threshold (low, as AP needs the whole curve)")
-    p.add_argument("--max-det", type=int, default=100, help="detections kept per frame (COCO AR uses 100)")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--limit", type=int, help="evaluate only the first N annotated frames (quick checks)")
+    p.add_argument("--device", type=device_arg, default="cpu")
+    p.add_argument("--imgsz", type=image_size, help="input size (default: the one in the weights' config)")
+    p.add_argument("--conf", type=fraction, default=0.001, help="score threshold (low, as AP needs the whole curve)")
+    p.add_argument("--max-det", type=positive_int, default=100, help="detections kept per frame (COCO AR uses 100)")
+    p.add_argument("--batch", type=positive_int, default=8)
+    p.add_argument("--limit", type=positive_int, help="evaluate only the first N annotated frames (quick checks)")
     p.add_argument("--save-json", metavar="DIR", help="write COCO-format gt.json and detections.json here")
     p.add_argument("--trust-pickle", action="store_true", help="allow unpickling a .pt the safe loader refuses")
     p.add_argument("--strict", action="store_true", help="stop at the first missing or corrupt frame")
-    p.add_argument("--out", help="write the JSON result here instead of stdout")
+    p.add_argument("--out", type=output_file, help="write the JSON result here instead of stdout")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -152,11 +152,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     from detector.infer import load_detector
-    ds = Dataset(args.data)
+    problems = Problems(strict=args.strict)
+    ds = Dataset(args.data, problems)
     det = load_detector(args.weights, device=args.device, conf=args.conf, imgsz=args.imgsz,
                         trust_pickle=args.trust_pickle, batch_size=args.batch)
     det.max_det = args.max_det
-    result = evaluate(ds, det, limit=args.limit, batch=args.batch, problems=Problems(strict=args.strict),
+    result = evaluate(ds, det, limit=args.limit, batch=args.batch, problems=problems,
                       save_json=args.save_json)
     result.update(weights=str(args.weights), backend=det.name, imgsz=det.imgsz, conf=det.conf)
     emit_json(result, args.out)

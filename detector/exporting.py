@@ -12,13 +12,14 @@ from typing import Sequence
 import numpy as np
 
 from detector.config import DetectorConfig, sidecar
-from lpr4m.cli import emit_json, setup_logging
+from lpr4m.cli import device_arg, emit_json, image_size, output_file, positive_float, positive_int, setup_logging
 from lpr4m.errors import BadInput
 from lpr4m.io import atomic_path
 
 logger = logging.getLogger(__name__)
 
 OPSET = 17
+SUPPORTED_OPSETS = range(11, 21)  # ultralytics' head needs 11+; 20 is the TorchScript exporter's last
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,17 +27,19 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--weights", default="weights/detector.safetensors", help="our .safetensors (or an ultralytics .pt)")
     p.add_argument("--format", choices=("onnx", "engine"), default="onnx")
-    p.add_argument("--out", dest="output", help="output file (default: the weights path with .onnx / .engine)")
-    p.add_argument("--imgsz", type=int, help="input size (default: the one in the weights' config)")
-    p.add_argument("--opset", type=int, default=OPSET)
+    p.add_argument("--out", type=output_file, dest="output",
+                   help="output file (default: the weights path with .onnx / .engine)")
+    p.add_argument("--imgsz", type=image_size, help="input size (default: the one in the weights' config)")
+    p.add_argument("--opset", type=int, default=OPSET, choices=SUPPORTED_OPSETS, metavar="11..20")
     p.add_argument("--no-check", action="store_true", help="skip the ONNX Runtime vs PyTorch parity check")
-    p.add_argument("--max-batch", type=int, default=16, help="TensorRT: largest batch of the optimisation profile")
+    p.add_argument("--max-batch", type=positive_int, default=16,
+                   help="TensorRT: largest batch of the optimisation profile")
     p.add_argument("--int8", action="store_true", help="TensorRT: also INT8 (calibrated on --calib-data frames)")
     p.add_argument("--calib-data", help="TensorRT INT8: LPR4M root whose test frames calibrate the ranges")
-    p.add_argument("--workspace-gb", type=float, default=4.0)
-    p.add_argument("--device", default="0", help="TensorRT build GPU")
+    p.add_argument("--workspace-gb", type=positive_float, default=4.0)
+    p.add_argument("--device", type=device_arg, default="0", help="TensorRT build GPU")
     p.add_argument("--trust-pickle", action="store_true", help="allow unpickling a .pt the safe loader refuses")
-    p.add_argument("--json-out", help="write the JSON result here instead of stdout")
+    p.add_argument("--json-out", type=output_file, help="write the JSON result here instead of stdout")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 

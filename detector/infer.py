@@ -16,6 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from detector.config import DetectorConfig, sidecar
+from lpr4m.cli import torch_device
 from lpr4m.errors import BadInput
 
 logger = logging.getLogger(__name__)
@@ -173,7 +174,7 @@ class TorchBackend:
     def __init__(self, model, device: str = "cpu"):
         import torch
         self.torch = torch
-        self.device = torch.device(_torch_device(device))
+        self.device = torch.device(torch_device(device))
         # BN-fused weights of a briefly trained net hold denormal floats; on CPU they make convolutions ~5x slower
         torch.set_flush_denormal(True)
         self.model = model.to(self.device).eval()
@@ -184,15 +185,6 @@ class TorchBackend:
         return y.float().cpu().numpy()
 
 
-def _torch_device(device: str) -> str:
-    device = str(device).strip().lower()
-    if device.isdigit():
-        return f"cuda:{device}"
-    if device.startswith("cuda") or device in ("cpu", "mps"):
-        return device
-    raise BadInput(None, f"unknown device {device!r} (expected cpu, 0, cuda:0, ...)")
-
-
 def onnx_providers(device: str = "cpu") -> list[str]:
     """TensorRT / CUDA execution providers when ONNX Runtime has them and a GPU is asked for, else the CPU."""
     import onnxruntime as ort
@@ -200,6 +192,9 @@ def onnx_providers(device: str = "cpu") -> list[str]:
     chosen = []
     if str(device).lower() != "cpu":
         chosen = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available]
+        if not chosen and str(device).lower() != "auto":
+            logger.warning("--device %s: this ONNX Runtime has no CUDA/TensorRT provider (pip install "
+                           "onnxruntime-gpu); running on the CPU", device)
     return chosen + ["CPUExecutionProvider"]
 
 
@@ -245,7 +240,7 @@ class TensorRTBackend:
         if not torch.cuda.is_available():
             raise BadInput(path, "TensorRT engines need an NVIDIA GPU (CUDA is not available here)")
         self.torch = torch
-        self.device = torch.device(_torch_device(device if str(device) != "cpu" else "0"))
+        self.device = torch.device(torch_device(device if str(device) != "cpu" else "0"))
         trt_logger = trt.Logger(trt.Logger.WARNING)
         with open(path, "rb") as f, trt.Runtime(trt_logger) as runtime:
             self.engine = runtime.deserialize_cuda_engine(f.read())

@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from lpr4m.cli import emit_json, setup_logging
+from lpr4m.cli import (device_arg, emit_json, image_size, nonnegative_float, nonnegative_int, output_file,
+                       positive_float, positive_int, setup_logging, torch_device)
 from lpr4m.errors import BadInput, Problems
 from lpr4m.io import read_json, write_json
 from lpr4m.layout import Dataset
@@ -39,6 +40,10 @@ KNOBS = ("model", "epochs", "imgsz", "batch", "device", "workers", "patience", "
 LOG_EVERY = 20  # batches between training log lines
 
 
+def _batch_size(text: str) -> int:
+    return -1 if text.strip() == "-1" else positive_int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python detector/train.py", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -47,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--cache-dir", help="where the YOLO dataset view is cached (default $LPR_CACHE_DIR or "
                                        "~/.cache/lpr/detector-data)")
     d.add_argument("--rebuild-cache", action="store_true", help="rebuild the dataset view even if cached")
-    d.add_argument("--frames-per-clip", type=int, help="keep N evenly spaced training frames per clip (default: all)")
+    d.add_argument("--frames-per-clip", type=positive_int,
+                   help="keep N evenly spaced training frames per clip (default: all)")
     d.add_argument("--strict", action="store_true", help="stop at the first bad row or missing frame")
     m = p.add_argument_group("model and schedule (flags override the preset)")
     m.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
@@ -55,22 +61,23 @@ def build_parser() -> argparse.ArgumentParser:
                                    ".safetensors, or an ultralytics .pt to fine-tune")
     m.add_argument("--trust-pickle", action="store_true",
                    help="allow unpickling a --model .pt that the restricted loader refuses (runs code in the file!)")
-    m.add_argument("--epochs", type=int)
-    m.add_argument("--imgsz", type=int)
-    m.add_argument("--batch", type=int)
-    m.add_argument("--device", help="cpu, 0, or 0,1,2,3 for multi-GPU (ultralytics DDP)")
-    m.add_argument("--workers", type=int)
-    m.add_argument("--patience", type=int)
-    m.add_argument("--warmup-epochs", type=float)
-    m.add_argument("--hours", type=float, help="wall-time budget: ultralytics fits the epochs into it (overrides "
-                                               "--epochs); the cpu preset uses 0.22 h")
+    m.add_argument("--epochs", type=positive_int)
+    m.add_argument("--imgsz", type=image_size)
+    m.add_argument("--batch", type=_batch_size, help="images per batch; -1: ultralytics' AutoBatch (GPU)")
+    m.add_argument("--device", type=device_arg, help="cpu, 0, or 0,1,2,3 for multi-GPU (ultralytics DDP)")
+    m.add_argument("--workers", type=nonnegative_int)
+    m.add_argument("--patience", type=nonnegative_int, help="epochs without improvement before stopping (0: never)")
+    m.add_argument("--warmup-epochs", type=nonnegative_float)
+    m.add_argument("--hours", type=positive_float,
+                   help="wall-time budget: ultralytics fits the epochs into it (overrides --epochs); the cpu "
+                        "preset uses 0.22 h")
     m.add_argument("--seed", type=int, default=0)
     o = p.add_argument_group("output")
     o.add_argument("--name", default="yolo", help="run name suffix (folder: <runs-dir>/<timestamp>-<name>)")
     o.add_argument("--runs-dir", default="runs/detector")
     o.add_argument("--resume", nargs="?", const="latest", metavar="RUN_DIR",
                    help="continue an interrupted run (default: the latest run in --runs-dir)")
-    o.add_argument("--out", help="write the JSON result here instead of stdout")
+    o.add_argument("--out", type=output_file, help="write the JSON result here instead of stdout")
     o.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -241,6 +248,7 @@ def train(args: argparse.Namespace, callbacks: dict | None = None) -> dict:
     from detector.dataset import build_yolo_dataset
     made_by = "python detector/train.py " + " ".join(shlex.quote(a) for a in (args.argv or []))
     knobs = resolve_knobs(args)
+    torch_device(knobs["device"])  # a GPU this machine lacks: one line now, not ultralytics' error after the build
     runs_dir = Path(args.runs_dir)
     t0 = time.time()
     if args.resume:
@@ -263,8 +271,8 @@ def train(args: argparse.Namespace, callbacks: dict | None = None) -> dict:
     else:
         if not args.data:
             raise BadInput(None, "--data ROOT is required (or --resume RUN_DIR)")
-        ds = Dataset(args.data)
         problems = Problems(strict=args.strict)
+        ds = Dataset(args.data, problems)
         data = build_yolo_dataset(ds, args.cache_dir, workers=knobs["workers"] or None, problems=problems,
                                   rebuild=args.rebuild_cache, frames_per_clip=knobs["frames_per_clip"])
         run_dir = _new_run_dir(runs_dir, args.name)

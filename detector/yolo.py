@@ -70,7 +70,8 @@ def ul():
     global _READY
     if not _READY:
         _prepare_environment()
-        import ultralytics
+        with contextlib.redirect_stdout(sys.stderr):  # its first-run "Creating new Ultralytics Settings" banner
+            import ultralytics
         from ultralytics.utils import SETTINGS, patches
         # ultralytics replaces PIL's Image.open process-wide with one that, on an unreadable image, tries to
         # install and import pi-heif; mark that done so corrupt frames stay a plain UnidentifiedImageError
@@ -166,6 +167,8 @@ def model_yaml(name_or_dict: str | dict, nc: int = 1) -> dict:
         d = dict(name_or_dict)
     else:
         from ultralytics.nn.tasks import yaml_model_load
+        if Path(name_or_dict).suffix.lower() not in (".yaml", ".yml"):
+            raise BadInput(name_or_dict, "expected a model YAML such as yolo11n.yaml or yolo11-lite0.yaml")
         try:
             d = yaml_model_load(resolve_model_yaml(name_or_dict))
         except (FileNotFoundError, OSError) as e:

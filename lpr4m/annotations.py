@@ -180,10 +180,20 @@ def read_liveid_to_gallery(path) -> dict[str, list[str]]:
     return _read_id_lists(path, parse_live_id, parse_image_id, "gallery")
 
 
-def read_frameid_to_gtbox(path) -> dict[str, list[Box]]:
-    """``{frame_id: [[x1, y1, x2, y2], ...]}`` normalised; ``[]`` means the frame shows no product."""
+def read_frameid_to_gtbox(path, problems: Problems | None = None) -> dict[str, list[Box]]:
+    """``{frame_id: [[x1, y1, x2, y2], ...]}`` normalised; ``[]`` means the frame shows no product. A bad entry is
+    left out and counted in ``problems`` (raised at once when there are none, or when they are strict)."""
     obj = read_json(path, expect=dict)
-    return {frame_id_from(k, path): check_boxes(v, path) for k, v in obj.items()}
+    out = {}
+    for key, boxes in obj.items():
+        try:
+            out[frame_id_from(key, path)] = check_boxes(boxes, path)
+        except BadInput as err:
+            err = BadInput(path, f"frame {str(key)[:80]!r}: {err.message}")
+            if problems is None:
+                raise err from None
+            problems.add(err, "bad_annotation")
+    return out
 
 
 def write_id_map(path, mapping: dict) -> None:

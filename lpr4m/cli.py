@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 from typing import Any, Callable, Sequence
 
@@ -19,11 +20,17 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
-    """Call a CLI ``main``; a BadInput (or a missing file) becomes ``error: FILE:LINE: ...`` and exit 2."""
+    """Call a CLI ``main``; a BadInput, or a file the OS refuses (an output path that is a folder, a missing
+    parent, no permission), becomes ``error: FILE[:LINE]: ...`` and exit 2."""
     try:
         return main(argv) or 0
     except BadInput as err:
         print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as err:
+        if err.filename is None:
+            raise
+        print(f"error: {err.filename}: {err.strerror or type(err).__name__}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -40,6 +47,107 @@ def parse_ks(text: str) -> tuple[int, ...]:
     if not ks or min(ks) < 1:
         raise argparse.ArgumentTypeError("k values must be >= 1")
     return ks
+
+
+def _number(kind, text: str, low: float, low_ok: bool, high: float | None = None):
+    import argparse
+    import math
+    try:
+        value = kind(text)
+    except ValueError:
+        what = "an integer" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    if value < low or (value == low and not low_ok) or (high is not None and value > high):
+        bound = f">= {low}" if low_ok else f"> {low}"
+        raise argparse.ArgumentTypeError(f"expected a number {bound}" + (f" and <= {high}" if high is not None else "")
+                                         + f", got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (batch sizes, epochs, counts)."""
+    return _number(int, text, 1, True)
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (workers, patience, optional limits where 0 has a documented meaning)."""
+    return _number(int, text, 0, True)
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (rates, temperatures, hours)."""
+    return _number(float, text, 0.0, False)
+
+
+def nonnegative_float(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    return _number(float, text, 0.0, True)
+
+
+def fraction(text: str) -> float:
+    """argparse type: a finite number in [0, 1] (score and IoU thresholds)."""
+    return _number(float, text, 0.0, True, 1.0)
+
+
+def image_size(text: str) -> int:
+    """argparse type for ``--imgsz``: a positive multiple of 32 (the stride of every YOLO model we build)."""
+    import argparse
+    value = positive_int(text)
+    if value % 32:
+        raise argparse.ArgumentTypeError(f"expected a multiple of 32 (the model stride), got {value}")
+    return value
+
+
+DEVICE_SYNTAX = re.compile(r"^(auto|cpu|mps|cuda|cuda:\d+|\d+(,\d+)*)$")
+
+
+def device_arg(text: str) -> str:
+    """argparse type for ``--device``: auto, cpu, mps, cuda, cuda:N, N or N,N,... (GPU ids). Whether a GPU is
+    there is checked where the device is used (``torch_device``), so parsing never imports torch."""
+    import argparse
+    text = text.strip().lower()
+    if not DEVICE_SYNTAX.match(text):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda, cuda:N, N or N,N,... (GPU ids), got {text!r}")
+    return text
+
+
+def torch_device(text: str) -> str:
+    """A torch device string for ``--device`` text, refusing a GPU this machine does not have (one line, not
+    torch's "Found no NVIDIA driver" traceback)."""
+    import torch
+    text = str(text).strip().lower()
+    if text == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    asked = text
+    if text.isdigit():
+        text = f"cuda:{text}"
+    if text in ("cpu", "mps"):
+        return text
+    if re.match(r"^\d+(,\d+)+$", text):  # several GPUs (multi-GPU training): every id must exist
+        ids = [int(i) for i in text.split(",")]
+    elif re.match(r"^cuda(:\d+)?$", text):
+        ids = [int(text.split(":")[1]) if ":" in text else 0]
+    else:
+        raise BadInput(None, f"--device {text!r}: expected auto, cpu, cuda, cuda:N or a GPU id")
+    if not torch.cuda.is_available():
+        raise BadInput(None, f"--device {asked}: torch sees no CUDA GPU on this machine (use --device cpu)")
+    if max(ids) >= torch.cuda.device_count():
+        raise BadInput(None, f"--device {asked}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return text
+
+
+def output_file(text: str) -> str:
+    """argparse type for ``--out FILE``: refused before any work when it names a folder or sits under a file."""
+    import argparse
+
+    from lpr4m.io import check_output_file
+    try:
+        check_output_file(text)
+    except BadInput as err:
+        raise argparse.ArgumentTypeError(err.message) from None
+    return text
 
 
 def emit_json(result: Any, out: str | None = None) -> None:

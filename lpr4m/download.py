@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Iterator, NamedTuple
 from urllib.parse import urlsplit
 
-from lpr4m.cli import emit_json, progress, setup_logging
+from lpr4m.cli import emit_json, nonnegative_int, output_file, positive_float, positive_int, progress, setup_logging
 from lpr4m.errors import BadInput, Problems
 from lpr4m.ids import target_from_url
 from lpr4m.io import atomic_write
@@ -177,21 +177,22 @@ def build_download_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("url_list", help="text file, one http(s) URL per line (LPR4M's *_url.txt lists)")
     p.add_argument("out", help="img2dataset output folder (shards); re-running resumes unfinished shards")
-    p.add_argument("--processes", type=int, default=max(1, min(16, os.cpu_count() or 1)))
-    p.add_argument("--threads", type=int, default=32, help="download threads per process")
+    p.add_argument("--processes", type=positive_int, default=max(1, min(16, os.cpu_count() or 1)))
+    p.add_argument("--threads", type=positive_int, default=32, help="download threads per process")
     p.add_argument("--distributor", choices=("multiprocessing", "pyspark", "ray"), default="multiprocessing")
-    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--image-size", type=positive_int, default=256)
     p.add_argument("--resize-mode", choices=RESIZE_MODES, default="keep_ratio",
                    help="img2dataset semantics: keep_ratio makes the SHORT side image-size, keep_ratio_largest "
                         "the long side")
     p.add_argument("--resize-only-if-bigger", action="store_true", help="never upscale small images")
-    p.add_argument("--encode-quality", type=int, default=95)
-    p.add_argument("--samples-per-shard", type=int, default=10000)
-    p.add_argument("--retries", type=int, default=0, help="retries per URL")
-    p.add_argument("--timeout", type=float, default=10, help="seconds per request")
-    p.add_argument("--max-shard-retry", type=int, default=1)
+    p.add_argument("--encode-quality", type=int, choices=range(1, 101), metavar="1..100", default=95)
+    p.add_argument("--samples-per-shard", type=positive_int, default=10000)
+    p.add_argument("--retries", type=nonnegative_int, default=0, help="retries per URL")
+    p.add_argument("--timeout", type=positive_float, default=10, help="seconds per request")
+    p.add_argument("--max-shard-retry", type=nonnegative_int, default=1)
     p.add_argument("--strict", action="store_true", help="the first bad URL-list line is fatal")
-    p.add_argument("--out", dest="out_json", metavar="FILE", help="write the JSON summary here instead of stdout")
+    p.add_argument("--out", type=output_file, dest="out_json", metavar="FILE",
+                   help="write the JSON summary here instead of stdout")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -482,7 +483,7 @@ def build_regroup_parser() -> argparse.ArgumentParser:
     p.set_defaults(mode="link")
     p.add_argument("--strict", action="store_true",
                    help="first problem (unmapped URL, missing file, conflict) is fatal; failed downloads never are")
-    p.add_argument("--out", help="write the JSON report here instead of stdout")
+    p.add_argument("--out", type=output_file, help="write the JSON report here instead of stdout")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 

@@ -22,6 +22,9 @@ class BadInput(ValueError):
         where = "" if self.path is None else (f"{self.path}:{line}: " if line is not None else f"{self.path}: ")
         super().__init__(f"{where}{message}")
 
+    def __reduce__(self):  # picklable, so an error raised in a worker process reaches the parent intact
+        return type(self), (self.path, self.message, self.line)
+
 
 @dataclass
 class Problems:

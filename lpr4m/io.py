@@ -27,14 +27,34 @@ def _make_temp(path: Path, suffix: str) -> tuple[int, str]:
     return fd, tmp
 
 
+def check_output_file(path: str | os.PathLike) -> Path:
+    """``path`` as a file we may create or replace: not a folder, and no file where a parent folder must be."""
+    path = Path(path)
+    if path.is_dir():
+        raise BadInput(path, "is a folder; expected a file name for the output")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise BadInput(path, f"cannot create it: {parent} is a file, not a folder")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise BadInput(path, f"cannot create it: no permission to write in {parent}")
+            break
+    return path
+
+
+def _output_path(path: str | os.PathLike) -> Path:
+    path = check_output_file(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kw) -> Iterator[Any]:
     """Open a temp file next to ``path``; on success rename it over ``path``, on error remove it.
 
     A reader never sees a half-written file and an interrupted job leaves the old file intact.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = _output_path(path)
     fd, tmp = _make_temp(path, ".tmp")
     if "b" not in mode:
         open_kw.setdefault("encoding", "utf-8")
@@ -53,8 +73,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kw) -> Iterato
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path for libraries that write files themselves (faiss, onnx, torch.save)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = _output_path(path)
     fd, tmp = _make_temp(path, path.suffix or ".tmp")
     os.close(fd)
     try:

@@ -42,10 +42,12 @@ class Dataset:
     >>> clip = ds.test_clips()[0]; ds.gallery(clip.live_id)[:1]
     """
 
-    def __init__(self, root):
+    def __init__(self, root, problems: Problems | None = None):
         self.root = Path(root)
+        self.problems = problems if problems is not None else Problems()  # where bad annotation entries are counted
         if not self.root.is_dir():
-            raise BadInput(self.root, "dataset root not found (expected an LPR4M folder with annotations/)")
+            raise BadInput(self.root, ("not a folder" if self.root.exists() else "dataset root not found")
+                           + " (expected an LPR4M folder with annotations/)")
 
     # -- paths -------------------------------------------------------------------------------------------
     def path(self, *parts: str) -> Path:
@@ -87,7 +89,7 @@ class Dataset:
     @cached_property
     def gt_boxes(self) -> dict[str, list[ann.Box]]:
         path = self.annotation("gtbox", required=False)
-        return ann.read_frameid_to_gtbox(path) if path else {}
+        return ann.read_frameid_to_gtbox(path, self.problems) if path else {}
 
     @cached_property
     def titles(self) -> dict[str, str]:

@@ -45,7 +45,7 @@ from PIL import Image
 
 from lpr4m import render as R
 from lpr4m.annotations import TrainingClip, write_id_map, write_id_text, write_training_videoinfo
-from lpr4m.cli import emit_json, progress, setup_logging
+from lpr4m.cli import emit_json, nonnegative_int, output_file, positive_float, progress, setup_logging
 from lpr4m.errors import BadInput, Problems
 from lpr4m.ids import IMAGE_SUFFIXES
 from lpr4m.io import write_json
@@ -562,11 +562,16 @@ def _synthesize(root: Path, cfg: SynthConfig, seed: int, preset: str, progress_b
 
 
 # -- CLI -----------------------------------------------------------------------------------------------------
+MAX_FRAME_SIDE = 4096  # 4K; a typo such as 100000x100000 would otherwise try to allocate ~130 GiB
+
+
 def _size(text: str) -> tuple[int, int]:
     try:
         w, h = (int(v) for v in text.lower().split("x"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, e.g. 640x360, got {text!r}") from None
+    if not (16 <= w <= MAX_FRAME_SIDE and 16 <= h <= MAX_FRAME_SIDE):
+        raise argparse.ArgumentTypeError(f"frame sides must be 16..{MAX_FRAME_SIDE} pixels, got {text!r}")
     return w, h
 
 
@@ -587,9 +592,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      f"{k}: {c.train_lives}+{c.test_lives} lives, {c.frame_size[0]}x{c.frame_size[1]}"
                                      for k, c in PRESETS.items()))
     ap.add_argument("out", help="new (or empty) folder for the dataset")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=nonnegative_int, default=0)
     ap.add_argument("--preset", default="test", choices=sorted(PRESETS))
-    ap.add_argument("--scale", type=float, help="multiply the numbers of training and test lives")
+    ap.add_argument("--scale", type=positive_float, help="multiply the numbers of training and test lives")
     g = ap.add_argument_group("overrides (default: from the preset)")
     g.add_argument("--lives", type=int, dest="test_lives", help="test lives")
     g.add_argument("--train-lives", type=int)
@@ -604,7 +609,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image-size", type=int, help="side of the square shop images")
     g.add_argument("--gallery-views", type=int, help="max shop images per test product (view 0 always)")
     g.add_argument("--backgrounds", dest="background_dir", help="folder of images/videos used as real rooms")
-    ap.add_argument("--out-json", dest="out_json", help="write the JSON summary here instead of stdout")
+    ap.add_argument("--out-json", type=output_file, dest="out_json",
+                    help="write the JSON summary here instead of stdout")
     ap.add_argument("-v", "--verbose", action="store_true")
     return ap
 

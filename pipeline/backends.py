@@ -6,6 +6,7 @@ retriever loaders then pick the runtime from that suffix. A missing export names
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 from lpr4m.errors import BadInput
@@ -77,16 +78,28 @@ def resolve_backend(backend: str, *explicit, weights_dir: Path = WEIGHTS_DIR) ->
 
 
 def resolve_device(device: str, backend: str) -> str:
-    """``auto`` -> ``cuda`` when the backend can use a GPU here, else ``cpu``."""
-    if device != "auto":
-        return device
+    """The device a backend runs on. ``auto`` takes a GPU when the runtime can use one here, else the CPU; an
+    explicit GPU the runtime cannot use is refused in one line, never silently swapped for the CPU."""
+    device = str(device).strip().lower()
+    if backend == "torch":
+        from lpr4m.cli import torch_device
+        return torch_device(device)
     if backend == "tensorrt":
-        return "cuda"
-    if backend == "onnx":
-        import onnxruntime as ort
-        return "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
-    import torch
-    return "cuda" if torch.cuda.is_available() else "cpu"
+        if device in ("cpu", "mps"):
+            raise BadInput(None, f"--device {device}: TensorRT engines run on a CUDA GPU (use --device cuda)")
+        from lpr4m.cli import torch_device
+        return "cuda" if device == "auto" else torch_device(device)
+    import onnxruntime as ort  # the ONNX path never imports torch
+    providers = ort.get_available_providers()
+    gpu = any(p in providers for p in ("CUDAExecutionProvider", "TensorrtExecutionProvider"))
+    if device in ("auto", "cpu"):
+        return "cuda" if device == "auto" and gpu else "cpu"
+    if not re.match(r"^(cuda(:\d+)?|\d+)$", device):
+        raise BadInput(None, f"--device {device}: the onnx backend runs on cpu, cuda, cuda:N or a GPU id")
+    if not gpu:
+        raise BadInput(None, f"--device {device}: ONNX Runtime has no CUDA provider here (has "
+                             f"{', '.join(providers)}); use --device cpu, or install onnxruntime-gpu")
+    return f"cuda:{device}" if device.isdigit() else device
 
 
 def load_embedder(weights=None, backend: str = "torch", device: str = "cpu"):

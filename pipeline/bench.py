@@ -30,7 +30,8 @@ from typing import Sequence  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from lpr4m.cli import emit_json, run_main, setup_logging  # noqa: E402
+from lpr4m.cli import (emit_json, nonnegative_float, output_file, positive_float, positive_int, run_main,  # noqa: E402
+                       setup_logging)
 from lpr4m.errors import BadInput  # noqa: E402
 
 logger = logging.getLogger("pipeline.bench")
@@ -198,27 +199,41 @@ def agreement(root: Path, weights: Path, backend: str = "torch") -> dict:
             "retriever_s": round(t1 - t0, 2), "pipeline_s": round(t2 - t1, 2)}
 
 
+def grocery_root(arg: str | None) -> Path | None:
+    """The agreement check's LPR4M root: the shared one when present by default, none for '', and an explicit
+    folder that is missing is an error (not a silently skipped check)."""
+    if arg is None:
+        return SHARED_GROCERY if SHARED_GROCERY.is_dir() else None
+    if not arg:
+        return None
+    if not Path(arg).is_dir():
+        raise BadInput(arg, "--grocery: LPR4M root not found (expected a folder; '' skips the agreement check)")
+    return Path(arg)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from pipeline.backends import BACKENDS
     p = argparse.ArgumentParser(
         prog="python pipeline/bench.py", description=__doc__.split("\n")[0].split(":", 1)[-1].strip(),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--clip", help="bench clip (default: a generated 60 s 1280x720 H.264 clip)")
-    p.add_argument("--seconds", type=float, default=60.0, help="length of the generated clip")
-    p.add_argument("--fps", type=float, default=1.0)
-    p.add_argument("--runs", type=int, default=5, help="timed runs per setting (median reported)")
-    p.add_argument("--cores", type=int, default=2, help="CPU cores each measurement is pinned to")
+    p.add_argument("--seconds", type=positive_float, default=60.0, help="length of the generated clip")
+    p.add_argument("--fps", type=positive_float, default=1.0)
+    p.add_argument("--runs", type=positive_int, default=5, help="timed runs per setting (median reported)")
+    p.add_argument("--cores", type=positive_int, default=2, help="CPU cores each measurement is pinned to")
     p.add_argument("--backend", choices=BACKENDS, default="onnx")
     p.add_argument("--weights", help="embedder weights (default weights/retriever.<backend suffix>)")
     p.add_argument("--detector-weights", help="detector weights (default weights/detector.<backend suffix>)")
     p.add_argument("--gallery", help="gallery folder for the speed runs (default: the bundled demo gallery)")
-    p.add_argument("--long-minutes", type=float, default=0.0, help="also measure peak memory on an N-minute clip")
-    p.add_argument("--grocery", default=str(SHARED_GROCERY), help="LPR4M root for the agreement check ('' = skip)")
+    p.add_argument("--long-minutes", type=nonnegative_float, default=0.0,
+                   help="also measure peak memory on an N-minute clip")
+    p.add_argument("--grocery", default=None, help="LPR4M root for the agreement check ('' = skip; default: "
+                                                   f"{SHARED_GROCERY} when present)")
     p.add_argument("--grocery-weights", help="embedder for the agreement check (default "
                                              "weights/retriever-grocery.safetensors, else weights/retriever.*)")
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--cache", default=None, help="where generated clips and the index go (default LPR cache)")
-    p.add_argument("--out", help="write the JSON result here too")
+    p.add_argument("--out", type=output_file, help="write the JSON result here too")
     p.add_argument("--child", choices=("decode", "full", "nodet"), help=argparse.SUPPRESS)
     p.add_argument("--index", help=argparse.SUPPRESS)
     p.add_argument("-v", "--verbose", action="store_true")
@@ -233,6 +248,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     from pipeline import backends
     from pipeline.gallery import cache_dir, cached_index
+    grocery = grocery_root(args.grocery)
+    if args.cores > len(os.sched_getaffinity(0)):
+        raise BadInput(None, f"--cores {args.cores}: only {len(os.sched_getaffinity(0))} CPU cores are available here")
     result: dict = {"cores": args.cores, "backend": args.backend, "runs": args.runs}
     cache = Path(args.cache) if args.cache else cache_dir().parent / "bench"
     cache.mkdir(parents=True, exist_ok=True)
@@ -271,12 +289,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{r['peak_rss_mb']:.0f} MB on {args.long_minutes:g} min ({r['frames']} frames, "
                   f"{r['wall_s']:.1f} s)")
             result["long"] = {"minutes": args.long_minutes, "one_minute": r1, "long": r}
-    if args.grocery and Path(args.grocery).is_dir():
+    if grocery is not None:
         w = Path(args.grocery_weights) if args.grocery_weights else None
         if w is None:
             g = backends.WEIGHTS_DIR / "retriever-grocery.safetensors"
             w = g if g.is_file() else backends.default_weights("retriever", "torch")
-        a = agreement(Path(args.grocery), w)
+        a = agreement(grocery, w)
         print(f"\nagreement on {a['data']} ({a['queries']} queries, {Path(a['weights']).name}):\n"
               f"{'':<28}{'R1':>7}{'R5':>7}\n{'retriever (query frames)':<28}{a['R1_retriever_frames']:7.3f}"
               f"{a['R5_retriever_frames']:7.3f}\n{'pipeline (clips, 1 fps)':<28}{a['R1_pipeline_clips']:7.3f}"

@@ -16,7 +16,8 @@ import argparse  # noqa: E402
 import logging  # noqa: E402
 from typing import Sequence  # noqa: E402
 
-from lpr4m.cli import emit_json, parse_ks, run_main, setup_logging  # noqa: E402
+from lpr4m.cli import (device_arg, emit_json, fraction, output_file, parse_ks, positive_float,  # noqa: E402
+                       positive_int, run_main, setup_logging)
 from lpr4m.errors import BadInput, Problems  # noqa: E402
 
 logger = logging.getLogger("pipeline.evaluate")
@@ -32,22 +33,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detector-weights", help="detector weights (default weights/detector.<backend suffix>)")
     p.add_argument("--no-detector", action="store_true", help="full frames only")
     p.add_argument("--backend", choices=BACKENDS, default="torch")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", type=device_arg, default="auto")
     p.add_argument("--index", help="use this gallery index (default: build one of the split's test galleries)")
     p.add_argument("--source", choices=("frames", "clips"), default="frames",
                    help="query frames (query/<video_id>/, as the retriever) or the clips/<video_id>.mp4 videos")
-    p.add_argument("--frames", type=int, default=10, help="up to N query frames spread evenly per clip")
-    p.add_argument("--fps", type=float, default=1.0, help="sampling rate for --source clips")
+    p.add_argument("--frames", type=positive_int, default=10, help="up to N query frames spread evenly per clip")
+    p.add_argument("--fps", type=positive_float, default=1.0, help="sampling rate for --source clips")
     p.add_argument("--all-views", action="store_true", help="index every view, not only the main image")
     p.add_argument("--aggregation", choices=("mean", "attention", "max"), default=None)
-    p.add_argument("--conf", type=float, default=0.25, help="detector score a box needs to be cropped")
-    p.add_argument("--crops-per-frame", type=int, default=1)
+    p.add_argument("--conf", type=fraction, default=0.25, help="detector score a box needs to be cropped")
+    p.add_argument("--crops-per-frame", type=positive_int, default=1)
     p.add_argument("--ks", type=parse_ks, default=(1, 5, 10), help="comma-separated k values")
-    p.add_argument("--limit", type=int, default=None, help="only the first N queries")
-    p.add_argument("--save-rankings", metavar="FILE", help="ranked ids + scores per query as JSON lines")
-    p.add_argument("--rankings-k", type=int, default=50)
+    p.add_argument("--limit", type=positive_int, default=None, help="only the first N queries")
+    p.add_argument("--save-rankings", type=output_file, metavar="FILE",
+                   help="ranked ids + scores per query as JSON lines")
+    p.add_argument("--rankings-k", type=positive_int, default=50)
     p.add_argument("--strict", action="store_true", help="the first bad file is fatal")
-    p.add_argument("--out", help="write the JSON result here instead of stdout")
+    p.add_argument("--out", type=output_file, help="write the JSON result here instead of stdout")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -60,7 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pipeline import backends
     from pipeline.evaluation import evaluate_system, gallery_from, results_table, write_rankings
 
-    ds = Dataset(args.data)
+    problems = Problems(strict=args.strict)
+    ds = Dataset(args.data, problems)
     if not ds.gt_images:
         raise BadInput(ds.annotation("gtimage"), "no test queries in this split")
     device = backends.resolve_device(args.device, args.backend)
@@ -68,7 +71,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     detector = None
     if not args.no_detector:
         detector = backends.load_detector(args.detector_weights, args.backend, device, conf=args.conf)
-    problems = Problems(strict=args.strict)
     out = evaluate_system(ds, embedder, detector, gallery_from(args.index, embedder), args.frames, args.source,
                           args.fps, not args.all_views, args.ks, args.conf, args.aggregation, args.crops_per_frame,
                           limit=args.limit, rankings_k=args.rankings_k if args.save_rankings else 0,

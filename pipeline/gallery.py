@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import math
 import os
@@ -37,6 +38,7 @@ META_FILE = "meta.json"
 INDEX_TYPES = ("flat", "ivfpq", "hnsw")
 MIN_IVFPQ_TRAIN = 1000  # below this, k-means/PQ training is meaningless: fall back to the exact index
 TITLE_FILES = ("titles.txt", "titles.tsv")
+ROW_COLUMNS = ("ids", "image_ids", "views", "live_ids", "paths")  # meta's per-vector lists, row i = faiss id ids[i]
 
 
 def _faiss():
@@ -126,6 +128,16 @@ def collect_folder(folder: Path) -> list[GalleryItem]:
     return items
 
 
+def check_live_ids(asked: Iterable[str], known: Iterable[str], where) -> None:
+    """Refuse a ``--live`` id the gallery does not have: it would silently rank among nothing."""
+    known = sorted(set(known) - {""})
+    unknown = [x for x in asked if x not in known]
+    if unknown:
+        listed = ", ".join(known[:5]) + (f", ... ({len(known)} in all)" if len(known) > 5 else "")
+        raise BadInput(where, f"--live {unknown[0]!r} is not a live-stream id of this gallery ("
+                              + (f"known: {listed})" if known else "it has none: no <live_id>/ sub-folders)"))
+
+
 def collect_lpr4m(root: Path, split: str = "test", live_ids: Sequence[str] | None = None,
                   main_only: bool = False) -> list[GalleryItem]:
     """Shop images of an LPR4M root: the test galleries (``gallery/<live>/``), the training images, or both."""
@@ -134,6 +146,8 @@ def collect_lpr4m(root: Path, split: str = "test", live_ids: Sequence[str] | Non
     items: list[GalleryItem] = []
     if split in ("test", "all"):
         titles = ds.titles
+        if live_ids:
+            check_live_ids(live_ids, ds.live_galleries, ds.annotation("gallery"))
         lives = list(live_ids) if live_ids else sorted(ds.live_galleries)
         for live in lives:
             for image_id, view, path in ds.gallery(live, main_only=main_only):
@@ -167,6 +181,7 @@ def collect(src, split: str = "test", live_ids: Sequence[str] | None = None,
     else:
         items = collect_folder(src)
         if live_ids:
+            check_live_ids(live_ids, (it.live_id for it in items), src)
             items = [it for it in items if it.live_id in set(live_ids)]
         if main_only:
             items = [it for it in items if it.view == 0]
@@ -461,9 +476,8 @@ class GalleryIndex:
             self.index.remove_ids(ids)
         drop = set(ids.tolist())
         m = self.meta
-        cols = ("ids", "image_ids", "views", "live_ids", "paths")
-        rows = [r for r in zip(*(m[c] for c in cols)) if r[0] not in drop]
-        for c, col in zip(cols, zip(*rows) if rows else [()] * len(cols)):
+        rows = [r for r in zip(*(m[c] for c in ROW_COLUMNS)) if r[0] not in drop]
+        for c, col in zip(ROW_COLUMNS, zip(*rows) if rows else [()] * len(ROW_COLUMNS)):
             m[c] = list(col)
         live_images = set(m["image_ids"])
         m["titles"] = {k: v for k, v in m["titles"].items() if k in live_images}
@@ -477,8 +491,8 @@ class GalleryIndex:
         theirs = embedder_info(embedder)
         if not same_embedder(mine, theirs):
             raise BadInput(self.path, (
-                f"index was built with embedder {mine.get('name')} [{mine['fingerprint'][:16]}] but the query "
-                f"embedder is {theirs.get('name')} [{theirs['fingerprint'][:16]}]; rebuild it with "
+                f"index was built with embedder {mine.get('name')} [{mine['fingerprint']}] but the query "
+                f"embedder is {theirs.get('name')} [{theirs['fingerprint']}]; rebuild it with "
                 f"python pipeline/index.py --gallery DIR --out INDEX --weights {theirs.get('weights') or 'W'}"))
 
     # -- search ------------------------------------------------------------------------------------------------
@@ -567,7 +581,8 @@ class GalleryIndex:
             if relative_root and root is not None and Path(root).is_absolute():
                 # relative to the index folder, so a repo-local cache or a copied folder keeps working
                 meta["gallery_root"] = os.path.relpath(root, path.resolve())
-            meta.update(index_file=INDEX_FILE, index_sha256=sha256_file(tmp / INDEX_FILE), ntotal=self.ntotal)
+            meta.update(index_file=INDEX_FILE, index_sha256=sha256_file(tmp / INDEX_FILE), ntotal=self.ntotal,
+                        rows_sha256=rows_sha256(meta))
             write_json(tmp / META_FILE, meta, indent=1)
             if path.exists():
                 old = path.parent / f".{path.name}.old-{os.getpid()}-{time.time_ns()}"
@@ -607,6 +622,10 @@ class GalleryIndex:
                                "factory", "index_type") if k not in meta]
         if missing:
             raise BadInput(path / META_FILE, f"incomplete index meta (missing {', '.join(missing)})")
+        lengths = {len(meta[c]) for c in ROW_COLUMNS}
+        if len(lengths) != 1 or (meta.get("rows_sha256") and rows_sha256(meta) != meta["rows_sha256"]):
+            raise BadInput(path / META_FILE, f"{'/'.join(ROW_COLUMNS)} do not match the index they were written "
+                                             "with (edited or damaged meta.json; rebuild the index)")
         ipath = path / meta.get("index_file", INDEX_FILE)
         if not ipath.is_file():
             raise BadInput(ipath, "index file missing next to meta.json")
@@ -636,6 +655,22 @@ class GalleryIndex:
                 "embedder": self.meta["embedder"], "skipped": len(self.meta.get("skipped", []))}
 
 
+def rows_sha256(meta: dict) -> str:
+    """sha256 over the per-vector lists: ties each faiss id to its product, so a shifted or edited list in
+    meta.json is refused instead of giving wrong answers (``index_sha256`` only covers the faiss file)."""
+    rows = json.dumps([meta[c] for c in ROW_COLUMNS], separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(rows.encode()).hexdigest()
+
+
+def report_skipped(messages: Sequence[str], total: int, strict: bool = False) -> None:
+    """The warning of an index build that skipped unreadable shop images; under ``strict`` the first one is fatal,
+    the same for a cached index as for a fresh build."""
+    if total and strict:
+        raise BadInput(None, messages[0] if messages else f"{total} unreadable shop image(s)")
+    if total:
+        logger.warning("skipped %d unreadable shop image(s): %s", total, "; ".join(messages[:5]))
+
+
 def cache_dir() -> Path:
     """Where on-the-fly gallery indexes are cached: ``$LPR_CACHE_DIR/indexes`` or ``~/.cache/lpr/indexes``."""
     return Path(os.environ.get("LPR_CACHE_DIR") or Path.home() / ".cache" / "lpr").expanduser() / "indexes"
@@ -651,16 +686,19 @@ def cached_index(gallery_dir, embedder, index_type: str = "flat", strict: bool =
     if (path / META_FILE).is_file():
         try:
             gi = GalleryIndex.load(path, embedder)
-            logger.info("gallery index from cache %s", path)
-            return gi
         except BadInput as err:
             logger.warning("cached index unusable (%s): rebuilding", err)
+        else:
+            logger.info("gallery index from cache %s", path)
+            skipped = gi.meta.get("skipped", [])
+            report_skipped(skipped, gi.meta.get("skipped_total", len(skipped)), strict)
+            return gi
     logger.info("building the gallery index of %s (%d shop images); cached at %s", root, len(items), path)
     problems = Problems(strict=strict)
     gi = GalleryIndex.build(embedder, root, items, index_type, problems, show_progress=show_progress,
                             source={"gallery": str(root), "cache_key": h})
-    if problems.total:
-        logger.warning("skipped %d unreadable shop image(s): %s", problems.total, "; ".join(problems.messages[:5]))
+    gi.meta["skipped_total"] = problems.total
+    report_skipped(problems.messages, problems.total)
     try:
         gi.save(path, relative_root=False)
     except OSError as e:  # a read-only home must not stop recognition

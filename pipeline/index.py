@@ -16,7 +16,7 @@ import argparse  # noqa: E402
 import logging  # noqa: E402
 from typing import Sequence  # noqa: E402
 
-from lpr4m.cli import emit_json, run_main, setup_logging  # noqa: E402
+from lpr4m.cli import device_arg, emit_json, positive_int, run_main, setup_logging  # noqa: E402
 from lpr4m.errors import BadInput, Problems  # noqa: E402
 
 logger = logging.getLogger("pipeline.index")
@@ -38,11 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--main-only", action="store_true", help="only each product's main image (view 0)")
     p.add_argument("--index-type", choices=INDEX_TYPES, default="flat",
                    help="flat = exact; ivfpq / hnsw for large catalogues")
-    p.add_argument("--nlist", type=int, default=None, help="IVF lists (default ~4 sqrt(N))")
+    p.add_argument("--nlist", type=positive_int, default=None, help="IVF lists (default ~4 sqrt(N))")
     p.add_argument("--weights", help="embedder weights (default weights/retriever.<backend suffix>)")
     p.add_argument("--backend", choices=BACKENDS, default="torch")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--device", type=device_arg, default="auto")
+    p.add_argument("--batch", type=positive_int, default=32)
     p.add_argument("--strict", action="store_true", help="an unreadable shop image is fatal")
     p.add_argument("--summary", metavar="FILE", help="write the JSON summary here instead of stdout")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.verbose)
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     from pipeline import backends
-    from pipeline.gallery import GalleryIndex, collect
+    from pipeline.gallery import GalleryIndex, collect, report_skipped
 
     modes = [bool(args.gallery), bool(args.add), bool(args.remove)]
     if sum(modes) != 1:
@@ -87,8 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                           "live": args.live, "main_only": args.main_only})
         gi.save(out)
         result = {"built": gi.ntotal, **gi.summary()}
-    if problems.total:
-        logger.warning("skipped %d unreadable shop image(s):\n  %s", problems.total, "\n  ".join(problems.messages))
+    report_skipped(problems.messages, problems.total)
     result["problems"] = problems.as_dict()
     emit_json(result, args.summary)
     return 0

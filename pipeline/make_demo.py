@@ -26,11 +26,13 @@ import shutil  # noqa: E402
 import tempfile  # noqa: E402
 from typing import Sequence  # noqa: E402
 
-from lpr4m.cli import emit_json, run_main, setup_logging  # noqa: E402
+from lpr4m.cli import emit_json, positive_int, run_main, setup_logging  # noqa: E402
 from lpr4m.errors import BadInput  # noqa: E402
 
 logger = logging.getLogger("pipeline.make_demo")
 MAX_BYTES = 5 * 1024 * 1024
+MARKER = "answers.json"  # every demo folder this script writes has it, as {"live_id", "clips"}
+DEMO_ENTRIES = {"gallery", "clips", MARKER, "README.md"}
 README = """# Bundled demo
 
 Made by `python pipeline/make_demo.py` (regenerate it with the same command): one test live of the synthetic
@@ -125,11 +127,34 @@ def synth_command(root: Path) -> str:
     return f"python -m lpr4m synth OUT --preset {m.get('preset', '?')} --seed {m.get('seed', '?')}"
 
 
+def check_replaceable(out: Path) -> None:
+    """``--out`` is swapped in whole, so it may only replace an empty folder or an earlier demo (recognised by
+    its answers.json and holding nothing else): any other content would be deleted."""
+    from lpr4m.io import read_json
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise BadInput(out, "exists and is not a folder; choose a new --out")
+    entries = {p.name for p in out.iterdir()}
+    if not entries:
+        return
+    try:
+        marker = read_json(out / MARKER, expect=dict) if (out / MARKER).is_file() else {}
+    except BadInput:
+        marker = {}
+    if not {"live_id", "clips"} <= set(marker):
+        raise BadInput(out, f"is not empty and not an earlier make_demo output (no {MARKER}); choose a new --out")
+    if entries - DEMO_ENTRIES:
+        raise BadInput(out, f"holds files make_demo did not write ({', '.join(sorted(entries - DEMO_ENTRIES)[:5])})"
+                            "; move them or choose a new --out")
+
+
 def write_demo(ds, out: Path, n_clips: int = 3, recognition: Recognition | None = None) -> dict:
     from lpr4m.io import write_json
+    out = Path(out)
+    check_replaceable(out)
     live, videos = pick_live(ds, n_clips, recognition)
     titles = ds.titles
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     mask = os.umask(0)
@@ -152,7 +177,7 @@ def write_demo(ds, out: Path, n_clips: int = 3, recognition: Recognition | None 
             answers[name] = {"video_id": vid, "image_ids": gt, "titles": [titles.get(i, "") for i in gt]}
             if recognition is not None and vid in recognition.results:
                 answers[name]["bundled_weights"] = recognition.results[vid]
-        write_json(tmp / "answers.json", {"live_id": live, "clips": answers})
+        write_json(tmp / MARKER, {"live_id": live, "clips": answers})
         lines = [f"  - `clips/{name}` ({a['video_id']}): {', '.join(a['titles']) or ', '.join(a['image_ids'])}"
                  for name, a in answers.items()]
         how = ("Clips were chosen, smallest first, among those the bundled weights rank right at top-1 when "
@@ -189,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="a synthesized LPR4M root (default: synthesize --preset demo into a temp folder)")
     p.add_argument("--preset", default="demo")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--clips", type=int, default=3, help="demo clips to bundle")
+    p.add_argument("--clips", type=positive_int, default=3, help="demo clips to bundle")
     p.add_argument("--out", default=str(DEMO_DIR), help="demo folder to (re)write")
     p.add_argument("--any-clips", action="store_true",
                    help="choose clips by size only (default: clips the bundled weights recognise at top-1)")
@@ -202,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    check_replaceable(Path(args.out))  # before minutes of synthesis and recognition
     from lpr4m.layout import Dataset
 
     def recognition(ds):

@@ -16,7 +16,8 @@ import argparse  # noqa: E402
 import logging  # noqa: E402
 from typing import Sequence  # noqa: E402
 
-from lpr4m.cli import run_main, setup_logging  # noqa: E402
+from lpr4m.cli import (device_arg, fraction, nonnegative_int, positive_float, positive_int,  # noqa: E402
+                       run_main, setup_logging)
 from lpr4m.errors import BadInput  # noqa: E402
 
 logger = logging.getLogger("pipeline.run")
@@ -32,28 +33,31 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gallery", help=f"folder of shop images (or an LPR4M root); default: {DEMO_DIR / 'gallery'}")
     g.add_argument("--index", help="a gallery index folder made by pipeline/index.py")
     p.add_argument("--live", help="rank only among this live's gallery (LPR4M protocol)")
-    p.add_argument("--fps", type=float, default=1.0, help="frames sampled per second")
-    p.add_argument("--max-frames", type=int, default=None, help="stop after this many sampled frames")
-    p.add_argument("--topk", type=int, default=5, help="products to list")
+    p.add_argument("--fps", type=positive_float, default=1.0, help="frames sampled per second")
+    p.add_argument("--max-frames", type=positive_int, default=None, help="stop after this many sampled frames")
+    p.add_argument("--topk", type=positive_int, default=5, help="products to list")
     p.add_argument("--backend", choices=("auto",) + BACKENDS, default="auto",
                    help="inference runtime; auto = ONNX Runtime when weights/*.onnx are fresh exports, else torch")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
+    p.add_argument("--device", type=device_arg, default="auto", help="cpu, cuda, cuda:1 or auto")
     p.add_argument("--weights", help="embedder weights (default weights/retriever.<backend suffix>)")
     p.add_argument("--detector-weights", help="detector weights (default weights/detector.<backend suffix>)")
     p.add_argument("--no-detector", action="store_true", help="embed full frames (no detection, no crops)")
-    p.add_argument("--conf", type=float, default=0.25, help="detector score threshold")
-    p.add_argument("--crops-per-frame", type=int, default=1, help="highest-scoring detections embedded per frame")
+    p.add_argument("--conf", type=fraction, default=0.25, help="detector score threshold")
+    p.add_argument("--crops-per-frame", type=positive_int, default=1,
+                   help="highest-scoring detections embedded per frame")
     p.add_argument("--aggregation", choices=("mean", "attention", "max"), default=None,
                    help="clip aggregation (default: the embedder's config)")
-    p.add_argument("--batch", type=int, default=8, help="frames per detect/embed batch")
+    p.add_argument("--batch", type=positive_int, default=8, help="frames per detect/embed batch")
     p.add_argument("--segment", action="store_true", help="split a long recording into product segments")
-    p.add_argument("--seg-window", type=float, default=5.0, help="segmentation window (seconds)")
-    p.add_argument("--seg-threshold", type=float, default=0.7,
+    p.add_argument("--seg-window", type=positive_float, default=5.0, help="segmentation window (seconds)")
+    p.add_argument("--seg-threshold", type=fraction, default=0.7,
                    help="cosine similarity below which a window starts a new product")
-    p.add_argument("--seg-hysteresis", type=int, default=2, help="odd windows in a row that confirm a change")
+    p.add_argument("--seg-hysteresis", type=positive_int, default=2,
+                   help="odd windows in a row that confirm a change")
     p.add_argument("--json", metavar="OUT", help="write the result as JSON ('-' = stdout)")
     p.add_argument("--html", metavar="OUT", help="write a self-contained HTML report")
-    p.add_argument("--html-frames", type=int, default=48, help="most frame thumbnails kept for the HTML report")
+    p.add_argument("--html-frames", type=nonnegative_int, default=48,
+                   help="most frame thumbnails kept for the HTML report")
     p.add_argument("--strict", action="store_true", help="an unreadable shop image is fatal")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -91,15 +95,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lpr4m.frames import probe_video
     from lpr4m.io import atomic_write, write_json
     from pipeline import backends
+    from pipeline.gallery import check_live_ids
     from pipeline.recognize import recognize_video
     from pipeline.report import html_report, text_report
 
-    if args.fps <= 0:
-        raise BadInput(None, f"--fps must be > 0 (got {args.fps})")
-    if args.topk < 1:
-        raise BadInput(None, f"--topk must be >= 1 (got {args.topk})")
-    if args.max_frames is not None and args.max_frames < 1:
-        raise BadInput(None, f"--max-frames must be >= 1 (got {args.max_frames})")
     check_outputs(args.json, args.html)
     probe_video(args.clip)  # a bad clip fails here, before models load
     args.backend = backends.resolve_backend(args.backend, args.weights, args.detector_weights)
@@ -108,6 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     detector = None if args.no_detector else backends.load_detector(args.detector_weights, args.backend, device,
                                                                       conf=args.conf)
     gallery = load_gallery(args, embedder)
+    if args.live is not None:
+        check_live_ids([args.live], gallery.live_ids, args.index or args.gallery or gallery.path)
     result, rec = recognize_video(
         args.clip, embedder, gallery, detector, fps=args.fps, max_frames=args.max_frames, k=args.topk,
         method=args.aggregation, crops_per_frame=args.crops_per_frame, thumbs=args.html_frames if args.html else 0,

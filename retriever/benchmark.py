@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from lpr4m.cli import emit_json, setup_logging
+from lpr4m.cli import emit_json, nonnegative_int, output_file, positive_int, setup_logging
 from retriever.metrics import rank_k_accuracy, search_galleries
 
 logger = logging.getLogger(__name__)
@@ -135,16 +135,18 @@ def bench_embedding(weights, batch: int, repeats: int, threads: int):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="retriever/bench.py", description=__doc__.split("\n")[0])
     p.add_argument("--weights", default=str(DEFAULT_WEIGHTS))
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=2, help="CPU threads for both backends (0 = library default)")
-    p.add_argument("--queries", type=int, default=20079)
-    p.add_argument("--lives", type=int, default=110)
-    p.add_argument("--gallery-size", type=int, default=600)
-    p.add_argument("--dim", type=int, default=None, help="embedding size for the ranking bench (default: weights')")
+    p.add_argument("--batch", type=positive_int, default=32)
+    p.add_argument("--repeats", type=positive_int, default=5)
+    p.add_argument("--threads", type=nonnegative_int, default=2,
+                   help="CPU threads for both backends (0 = library default)")
+    p.add_argument("--queries", type=positive_int, default=20079)
+    p.add_argument("--lives", type=positive_int, default=110)
+    p.add_argument("--gallery-size", type=positive_int, default=600)
+    p.add_argument("--dim", type=positive_int, default=None,
+                   help="embedding size for the ranking bench (default: weights')")
     p.add_argument("--skip-embed", action="store_true", help="only the ranking benchmark")
-    p.add_argument("--csv", default=None, help="also write the table rows here")
-    p.add_argument("--out", default=None)
+    p.add_argument("--csv", type=output_file, default=None, help="also write the table rows here")
+    p.add_argument("--out", type=output_file, default=None)
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 

@@ -70,6 +70,9 @@ class EmbedderConfig:
 
     @classmethod
     def from_dict(cls, d: dict, path=None) -> "EmbedderConfig":
+        if "model_yaml" in d:  # a detector's sidecar: "unknown config key 'model'" would not say so
+            raise BadInput(path, "a detector's config (it has 'model_yaml'): these are detector weights; expected "
+                                 "embedder weights (e.g. weights/retriever.safetensors)")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = [k for k in d if k not in names]
         if unknown:

@@ -2,6 +2,7 @@
 the same shop image out of one (global) batch -- they would be false negatives for InfoNCE."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ import cv2
 import numpy as np
 import torch
 
+from lpr4m.cli import progress
 from lpr4m.errors import BadInput, Problems
 from lpr4m.images import load_rgb
 from lpr4m.layout import Dataset
@@ -52,6 +54,62 @@ def load_pairs(ds: Dataset, problems: Problems | None = None, limit: int | None 
     if not pairs:
         raise BadInput(ds.root, "no usable <clip, shop image> training pairs")
     return pairs
+
+
+class _ReadCheck(torch.utils.data.Dataset):
+    """``(index, BadInput or None)`` per path: a Dataset so that DataLoader workers share the reading."""
+
+    def __init__(self, paths: list[Path], read):
+        self.paths, self.read = paths, read
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            self.read(self.paths[i])
+        except BadInput as err:
+            return i, err
+        return i, None
+
+
+def unreadable_images(pairs: list[TrainPair], problems: Problems, read=load_rgb, workers: int = 0) -> set[Path]:
+    """Read every frame and shop image of ``pairs`` once (in ``workers`` processes); each unreadable one is logged
+    and counted once (``problems.strict``: the first one stops the run).
+
+    Checking before training rather than when a batch meets the file keeps every batch full (DDP ranks must
+    agree on its size) and makes which pairs train independent of worker timing.
+    """
+    paths = sorted({p for pair in pairs for p in pair.frame_paths} | {pair.image_path for pair in pairs}, key=str)
+    loader = torch.utils.data.DataLoader(_ReadCheck(paths, read), batch_size=64, num_workers=workers,
+                                         collate_fn=list)
+    bad, bar = set(), progress(total=len(paths), desc="checking images", unit="img")
+    for results in loader:
+        for i, err in results:
+            if err is not None:
+                problems.add(err, "unreadable_image")
+                bad.add(paths[i])
+        bar.update(len(results))
+    bar.close()
+    return bad
+
+
+def drop_images(pairs: list[TrainPair], bad: set[Path]) -> list[TrainPair]:
+    """``pairs`` without the ``bad`` images: a frame leaves its clip; a clip with no frame left, or whose shop image
+    is bad, is dropped."""
+    if not bad:
+        return pairs
+    out = []
+    for pair in pairs:
+        keep = [i for i, p in enumerate(pair.frame_paths) if p not in bad]
+        if keep and pair.image_path not in bad:
+            out.append(dataclasses.replace(pair, frame_paths=[pair.frame_paths[i] for i in keep],
+                                           frame_boxes=[pair.frame_boxes[i] for i in keep]))
+    logger.warning("%d unreadable images: %d of %d training pairs dropped", len(bad), len(pairs) - len(out),
+                   len(pairs))
+    if not out:
+        raise BadInput(None, "no training pair has a readable shop image and frame")
+    return out
 
 
 # -- augmentation ----------------------------------------------------------------------------------------------

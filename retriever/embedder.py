@@ -62,6 +62,12 @@ def build_model(config: EmbedderConfig, weights=None, pretrained: bool = False):
             state = load_file(str(weights))
         except (SafetensorError, OSError) as e:
             raise BadInput(weights, f"not a readable safetensors file ({e})") from None
+        own = model.state_dict()
+        for key, tensor in state.items():  # load_state_dict would raise a multi-line "size mismatch" RuntimeError
+            if key in own and tuple(tensor.shape) != tuple(own[key].shape):
+                raise BadInput(weights, f"tensor {key!r} has shape {tuple(tensor.shape)} but the config "
+                                        f"{config_path_for(weights).name} (embed_dim {config.embed_dim}) needs "
+                                        f"{tuple(own[key].shape)}: weights and config do not belong together")
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise BadInput(weights, f"weights do not fit backbone {config.backbone!r}: "
@@ -206,5 +212,22 @@ def load_embedder(weights, device: str = "cpu", verify: bool = True) -> Embedder
         model = build_model(config, weights)
         return Embedder(TorchBackend(model, device), config, weights, pool_params_from_model(model))
     pool = {k: np.asarray(v, np.float32) for k, v in (config.extra.get("pool_head") or {}).items()}
-    backend = OnnxBackend(weights, device) if suffix == ".onnx" else TensorRTBackend(weights, device)
+    if suffix == ".onnx":
+        backend = OnnxBackend(weights, device)
+        check_onnx_shapes(backend.session, config, weights)
+    else:
+        backend = TensorRTBackend(weights, device)
     return Embedder(backend, config, weights, pool or None)
+
+
+def check_onnx_shapes(session, config: EmbedderConfig, weights) -> None:
+    """The model's input and embedding sizes must be its config's: preprocessing follows the config, so a mismatch
+    would otherwise surface as an ONNX Runtime traceback on the first batch."""
+    expected = {"input": [3, config.input_size, config.input_size], "output": [config.embed_dim]}
+    for what, node in (("input", session.get_inputs()[0]), ("output", session.get_outputs()[0])):
+        actual = list(node.shape[1:])  # after the batch axis; a symbolic (named) size accepts any
+        if len(actual) != len(expected[what]) or any(isinstance(a, int) and a != e
+                                                     for a, e in zip(actual, expected[what])):
+            raise BadInput(weights, f"ONNX {what} shape {['N'] + actual} does not match "
+                                    f"{config_path_for(weights).name} (input_size {config.input_size}, embed_dim "
+                                    f"{config.embed_dim}): expected {['N'] + expected[what]}")

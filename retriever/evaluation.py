@@ -15,7 +15,8 @@ from typing import Sequence
 
 import numpy as np
 
-from lpr4m.cli import emit_json, parse_ks, progress, setup_logging
+from lpr4m.cli import (device_arg, emit_json, output_file, parse_ks, positive_int, progress, setup_logging,
+                       torch_device)
 from lpr4m.errors import BadInput, Problems
 from lpr4m.images import load_rgb
 from lpr4m.layout import Dataset
@@ -223,28 +224,30 @@ def _default_detector_weights() -> Path | None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="retriever/evaluate.py", description=__doc__.split("\n")[0])
     p.add_argument("--data", required=True, help="LPR4M root with a test split")
-    p.add_argument("--weights", default=str(DEFAULT_WEIGHTS), help=".safetensors / .onnx / .engine embedder")
-    p.add_argument("--frozen-backbone", default=None,
-                   help="instead of --weights: the pretrained backbone's own pooled features (a baseline)")
-    p.add_argument("--input-size", type=int, default=None, help="with --frozen-backbone (default: its own)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--weights", default=str(DEFAULT_WEIGHTS), help=".safetensors / .onnx / .engine embedder")
+    which.add_argument("--frozen-backbone", default=None,
+                       help="instead of --weights: the pretrained backbone's own pooled features (a baseline)")
+    p.add_argument("--input-size", type=positive_int, default=None, help="with --frozen-backbone (default: its own)")
     p.add_argument("--crops", choices=CROP_MODES + ("auto",), default="auto",
                    help="what is embedded: ground-truth crops, detector crops or full frames "
                         "(auto: gt when the split has boxes)")
     p.add_argument("--detector", default=None, help="detector weights for --crops detector (default weights/detector.*)")
     p.add_argument("--aggregation", default=None,
                    help="mean | attention | max | all, or a comma list (default: the weights' config)")
-    p.add_argument("--frames", type=int, default=10, help="up to N frames spread evenly over each clip")
+    p.add_argument("--frames", type=positive_int, default=10, help="up to N frames spread evenly over each clip")
     p.add_argument("--gallery", choices=("live", "global", "both"), default="live",
                    help="rank in each query's live gallery (RICE), in all test shop images, or both")
     p.add_argument("--all-views", action="store_true", help="use every view, not only the main image (-0)")
     p.add_argument("--ks", type=parse_ks, default=DEFAULT_KS, help="comma-separated k values")
-    p.add_argument("--save-rankings", default=None, help="write ranked ids + scores per query as JSON lines")
-    p.add_argument("--rankings-k", type=int, default=50, help="how many ranked ids --save-rankings keeps")
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N queries")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--save-rankings", type=output_file, default=None,
+                   help="write ranked ids + scores per query as JSON lines")
+    p.add_argument("--rankings-k", type=positive_int, default=50, help="how many ranked ids --save-rankings keeps")
+    p.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N queries")
+    p.add_argument("--device", type=device_arg, default="cpu")
+    p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--strict", action="store_true", help="the first bad file is fatal")
-    p.add_argument("--out", default=None, help="write the JSON result here instead of stdout")
+    p.add_argument("--out", type=output_file, default=None, help="write the JSON result here instead of stdout")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -253,12 +256,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     from retriever.embedder import load_embedder
-    ds = Dataset(args.data)
+    problems = Problems(strict=args.strict)
+    ds = Dataset(args.data, problems)
+    device = torch_device(args.device)
     if args.frozen_backbone:
-        embedder = frozen_embedder(args.frozen_backbone, args.input_size, args.device)
+        embedder = frozen_embedder(args.frozen_backbone, args.input_size, device)
         args.weights = f"frozen:{args.frozen_backbone}"
     else:
-        embedder = load_embedder(args.weights, device=args.device)
+        embedder = load_embedder(args.weights, device=device)
     crops = args.crops
     if crops == "auto":
         crops = "gt" if ds.gt_boxes else "none"
@@ -268,14 +273,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         weights = args.detector or _default_detector_weights()
         if weights is None:
             raise BadInput("weights/", "--crops detector: no --detector given and no weights/detector.* found")
-        detector = load_detector(weights, device=args.device)
+        detector = load_detector(weights, device=device)
     agg = args.aggregation or embedder.config.aggregation
     methods = ("mean", "attention", "max") if agg == "all" else tuple(agg.split(","))
     for m in methods:
         if m not in ("mean", "attention", "max"):
             raise BadInput(None, f"--aggregation {m!r}: expected mean, attention, max or all")
     modes = ("live", "global") if args.gallery == "both" else (args.gallery,)
-    problems = Problems(strict=args.strict)
     out = evaluate(ds, embedder, crops, methods, modes, args.frames, not args.all_views, args.ks, detector,
                    problems, args.limit, args.rankings_k if args.save_rankings else 0, args.batch_size)
     if args.save_rankings:

@@ -28,13 +28,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lpr4m.cli import emit_json, progress, setup_logging
+from lpr4m.cli import (device_arg, emit_json, nonnegative_float, nonnegative_int, output_file, positive_float,
+                       positive_int, progress, setup_logging, torch_device)
 from lpr4m.errors import BadInput, Problems
+from lpr4m.images import load_rgb
 from lpr4m.io import atomic_path, atomic_write, write_json
 from lpr4m.layout import Dataset
 from retriever.config import AGGREGATIONS, EmbedderConfig
-from retriever.data import (AugmentConfig, ImageStore, TrainPair, UniqueImageBatchSampler, frame_view, load_pairs,
-                            to_input)
+from retriever.data import (AugmentConfig, ImageStore, TrainPair, UniqueImageBatchSampler, drop_images, frame_view,
+                            load_pairs, to_input, unreadable_images)
 from retriever.losses import InfoNCELoss, MatchingHead
 from retriever.models import create_embedder
 
@@ -60,18 +62,17 @@ STATE_FILE = "train_state.pt"
 
 # -- distributed -----------------------------------------------------------------------------------------------
 def init_distributed(device_arg: str) -> tuple[int, int, torch.device]:
-    """Rank, world size and device from torchrun's environment (a single process when it is absent)."""
+    """Rank, world size and device from torchrun's environment (a single process when it is absent); a GPU this
+    machine lacks is a one-line BadInput. Under torchrun each CUDA rank takes the GPU of its LOCAL_RANK."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device_arg == "auto":
-        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
-    if device_arg.startswith("cuda"):
-        device = torch.device("cuda", local) if world > 1 else torch.device(device_arg)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
+    name = torch_device(device_arg)
+    if name.startswith("cuda") and world > 1:
+        name = torch_device(f"cuda:{local}")
+    device = torch.device(name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
@@ -92,7 +93,7 @@ def broadcast_object(obj):
 def all_reduce_mean(value: float) -> float:
     if not dist.is_initialized():
         return value
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(t)
     return float(t.item() / dist.get_world_size())
 
@@ -254,49 +255,54 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data", required=False, help="LPR4M root with annotations/training_videoinfo*.txt")
     g.add_argument("--val-data", help="LPR4M root whose test split is evaluated each --eval-every epochs "
                                       "(default: --data when it has a test split; 'none' to skip)")
-    g.add_argument("--limit", type=int, help="use only the first N training clips")
-    g.add_argument("--max-side", type=int, help="shrink decoded training images to this longest side")
+    g.add_argument("--limit", type=positive_int, help="use only the first N training clips")
+    g.add_argument("--max-side", type=positive_int, help="shrink decoded training images to this longest side")
     g = p.add_argument_group("model")
     g.add_argument("--preset", choices=sorted(PRESETS), help="defaults for a CPU demo or LPR4M-scale GPU training")
     g.add_argument("--backbone", help="registered backbone or timm:<name>")
     g.add_argument("--no-pretrained", dest="pretrained", action="store_false", default=None)
-    g.add_argument("--embed-dim", type=int)
-    g.add_argument("--input-size", type=int)
+    g.add_argument("--embed-dim", type=positive_int)
+    g.add_argument("--input-size", type=positive_int)
     g.add_argument("--resize-mode", choices=("letterbox", "squash"))
-    g.add_argument("--freeze-stages", type=int, help="freeze the first N trunk stages (stem = stage 0)")
+    g.add_argument("--freeze-stages", type=nonnegative_int, help="freeze the first N trunk stages (stem = stage 0)")
     g.add_argument("--no-bn-eval", dest="bn_eval", action="store_false", default=None,
                    help="update BatchNorm statistics (default keeps them frozen for small batches)")
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int)
-    g.add_argument("--batch-size", type=int, help="clips per rank per step (distinct shop images)")
-    g.add_argument("--accum", type=int, help="gradient accumulation steps")
-    g.add_argument("--lr", type=float)
-    g.add_argument("--head-lr-mult", type=float)
-    g.add_argument("--weight-decay", type=float)
-    g.add_argument("--warmup-steps", type=int)
-    g.add_argument("--temperature", type=float, help="initial InfoNCE temperature (learned)")
-    g.add_argument("--train-frames", type=int, help="frames per clip per step")
+    g.add_argument("--epochs", type=positive_int)
+    g.add_argument("--batch-size", type=positive_int, help="clips per rank per step (distinct shop images)")
+    g.add_argument("--accum", type=positive_int, help="gradient accumulation steps")
+    g.add_argument("--lr", type=positive_float)
+    g.add_argument("--head-lr-mult", type=positive_float)
+    g.add_argument("--weight-decay", type=nonnegative_float)
+    g.add_argument("--warmup-steps", type=nonnegative_int)
+    g.add_argument("--temperature", type=positive_float, help="initial InfoNCE temperature (learned)")
+    g.add_argument("--train-frames", type=positive_int, help="frames per clip per step")
     g.add_argument("--train-agg", choices=("mean", "attention"), help="clip aggregation used in training")
     g.add_argument("--pmd", action="store_true", default=None, help="add the hard-negative matching head loss")
-    g.add_argument("--pmd-weight", type=float)
-    g.add_argument("--cache-views", type=int, help="cache frozen-prefix features of N views per frame (0 = off)")
-    g.add_argument("--image-views", type=int, help="cached views per shop image")
+    g.add_argument("--pmd-weight", type=nonnegative_float)
+    g.add_argument("--cache-views", type=nonnegative_int,
+                   help="cache frozen-prefix features of N views per frame (0 = off)")
+    g.add_argument("--image-views", type=positive_int, help="cached views per shop image")
     g.add_argument("--amp", action="store_true", default=None, help="mixed precision (CUDA)")
-    g.add_argument("--workers", type=int)
-    g.add_argument("--threads", type=int, help="torch CPU threads (0 = torch default)")
-    g.add_argument("--max-minutes", type=float, help="stop (and save) after this much wall time (0 = no limit)")
-    g.add_argument("--seed", type=int)
-    g.add_argument("--device", default="auto")
+    g.add_argument("--workers", type=nonnegative_int)
+    g.add_argument("--threads", type=nonnegative_int, help="torch CPU threads (0 = torch default)")
+    g.add_argument("--max-minutes", type=nonnegative_float,
+                   help="stop (and save) after this much wall time (0 = no limit)")
+    g.add_argument("--seed", type=nonnegative_int)
+    g.add_argument("--device", type=device_arg, default="auto")
     g = p.add_argument_group("output")
     g.add_argument("--runs-dir", default="runs/retriever")
-    g.add_argument("--name", default=None, help="suffix of the run folder name")
+    g.add_argument("--name", default=None, help="suffix of the run folder name (a plain name: no '/' or '..')")
     g.add_argument("--resume", default=None, help="a run folder (or its train_state.pt) to continue")
-    g.add_argument("--log-every", type=int)
-    g.add_argument("--ckpt-every", type=int, help="save a resumable checkpoint every N optimizer steps")
-    g.add_argument("--eval-every", type=int, help="evaluate every N epochs (0 = only at the end)")
-    g.add_argument("--eval-frames", type=int)
-    g.add_argument("--stop-after-steps", type=int, default=None, help=argparse.SUPPRESS)  # tests: simulate a crash
-    g.add_argument("--out", default=None, help="write the JSON result here instead of stdout")
+    g.add_argument("--log-every", type=positive_int)
+    g.add_argument("--ckpt-every", type=nonnegative_int, help="save a resumable checkpoint every N optimizer steps")
+    g.add_argument("--eval-every", type=nonnegative_int, help="evaluate every N epochs (0 = only at the end)")
+    g.add_argument("--eval-frames", type=positive_int)
+    g.add_argument("--stop-after-steps", type=positive_int, default=None,
+                   help=argparse.SUPPRESS)  # tests: simulate a crash
+    g.add_argument("--strict", action="store_true", help="stop at the first unreadable image or incomplete pair "
+                                                          "(default: skip and count them)")
+    g.add_argument("--out", type=output_file, default=None, help="write the JSON result here instead of stdout")
     g.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -312,9 +318,6 @@ def resolve_args(args: argparse.Namespace) -> dict:
     cfg.setdefault("preset", args.preset)
     if cfg["train_agg"] not in AGGREGATIONS:
         raise BadInput(None, f"--train-agg {cfg['train_agg']!r}")
-    for k in ("epochs", "batch_size", "accum", "train_frames"):
-        if int(cfg[k]) < 1:
-            raise BadInput(None, f"--{k.replace('_', '-')} must be >= 1")
     return cfg
 
 
@@ -344,6 +347,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
+    if args.name is not None:
+        from lpr4m.ids import check_safe_name
+        check_safe_name(args.name, "run name")  # the run folder must stay inside --runs-dir
     argv_list = list(sys.argv[1:] if argv is None else argv)
     state = None
     if args.resume:
@@ -376,7 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     t_start = time.perf_counter()
 
     # data
-    problems = Problems()
+    problems = Problems(strict=args.strict)
     ds = Dataset(cfg["data"])
     pairs = load_pairs(ds, problems, cfg["limit"])
     val_ds = None
@@ -397,6 +403,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                      cfg["train_agg"]).to(device)
     if state is not None:
         tm.load_state_dict(state["module"])
+
+    # readable images only, checked before the run folder exists (a --strict stop leaves none behind); the cached
+    # path decodes every image into memory anyway, so there the check fills that store
+    store = ImageStore(cfg["max_side"], problems) if cfg["cache_views"] and frozen > 0 else None
+    bad = unreadable_images(pairs, problems, store.get if store else load_rgb, 0 if store else cfg["workers"]) \
+        if rank == 0 else None
+    pairs = drop_images(pairs, broadcast_object(bad))
+    sampler = UniqueImageBatchSampler([p.image_id for p in pairs], cfg["batch_size"], cfg["seed"], rank, world)
 
     # run folder (named on rank 0, shared with the others)
     if run_dir is None:
@@ -439,12 +453,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         ddp = nn.parallel.DistributedDataParallel(tm, device_ids=[device.index] if device.type == "cuda" else None,
                                                   find_unused_parameters=True)
 
-    sampler = UniqueImageBatchSampler([p.image_id for p in pairs], cfg["batch_size"], cfg["seed"], rank, world)
     aug = AugmentConfig()
     cache = None
     start_stage = 0
-    if cfg["cache_views"] and frozen > 0:
-        store = ImageStore(cfg["max_side"], problems)
+    if store is not None:
         cache = FeatureCache(model, pairs, config, frozen, int(cfg["cache_views"]), int(cfg["image_views"]),
                              store, aug, cfg["seed"], device)
         start_stage = frozen
@@ -471,8 +483,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         with atomic_path(run_dir / STATE_FILE) as tmp:
             torch.save(blob, tmp)
 
+    def diverged(what):
+        return BadInput(None, f"{what} at step {step}; weights not saved: lower --lr (now {cfg['lr']:g})")
+
     def save_weights(name, metrics):
         from retriever.embedder import save_checkpoint
+        if not all(t.isfinite().all() for t in model.state_dict().values() if t.is_floating_point()):
+            raise diverged("the weights became non-finite")  # the last step can break them after a finite loss
         config.metrics = metrics
         save_checkpoint(model, config, run_dir / "weights" / f"{name}.safetensors")
 
@@ -506,6 +523,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             frames, index, images = frames.to(device, non_blocking=True), index.to(device), images.to(device)
             with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
                 out = ddp(frames, index, images, start_stage)
+            if not math.isfinite(float(out["loss"].detach())):  # stop before NaN reaches the saved weights
+                raise diverged(f"loss became {float(out['loss'].detach())}")
             scaler.scale(out["loss"] / cfg["accum"]).backward()
             batches_done += 1
             seen += len(images)

@@ -180,6 +180,56 @@ def test_cli_missing_root_and_non_dataset(tmp_path, capsys):
     assert "no annotations/ folder" in capsys.readouterr().err
 
 
+# -- command-line values ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("module, argv", [
+    ("detector.training", ["--imgsz", "33"]), ("detector.training", ["--imgsz", "-64"]),
+    ("detector.training", ["--batch", "0"]), ("detector.training", ["--hours", "nan"]),
+    ("detector.training", ["--device", "bogus"]), ("detector.training", ["--epochs", "0"]),
+    ("detector.evaluation", ["--data", "x", "--conf", "2"]), ("detector.evaluation", ["--data", "x", "--limit", "0"]),
+    ("detector.evaluation", ["--data", "x", "--batch", "-1"]), ("detector.exporting", ["--opset", "3"]),
+    ("detector.benchmark", ["--threads", "0"]), ("lpr4m.synth", ["out", "--frame-size", "100000x100000"]),
+    ("lpr4m.synth", ["out", "--seed", "-1"]), ("lpr4m.download", ["urls.txt", "out", "--timeout", "inf"]),
+])
+def test_out_of_range_flags_are_refused_by_argparse(module, argv, capsys):
+    import importlib
+    mod = importlib.import_module(module)
+    parser = mod.build_download_parser() if module == "lpr4m.download" else mod.build_parser()
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args(argv)
+    assert e.value.code == 2 and f"argument {argv[-2]}" in capsys.readouterr().err
+
+
+def test_output_paths_are_checked_before_work_and_os_errors_are_one_line(tmp_path, capsys):
+    from lpr4m.cli import output_file
+    from lpr4m.io import write_json
+    a_file = tmp_path / "f.txt"
+    a_file.write_text("x")
+    for bad, msg in ((tmp_path, "is a folder"), (a_file / "x.json", "is a file, not a folder")):
+        with pytest.raises(BadInput, match=msg):
+            write_json(bad, {})
+        with pytest.raises(Exception, match=msg):  # argparse.ArgumentTypeError
+            output_file(str(bad))
+    assert output_file(str(tmp_path / "new" / "x.json"))
+
+    def fails(argv):
+        open(tmp_path / "missing" / "x.txt")  # an OSError that names its file
+
+    assert run_main(fails) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {tmp_path / 'missing' / 'x.txt'}: No such file or directory"
+
+
+def test_torch_device_refuses_a_gpu_that_is_not_there():
+    torch = pytest.importorskip("torch")
+    from lpr4m.cli import torch_device
+    assert torch_device("cpu") == "cpu" and torch_device("auto") in ("cpu", "cuda")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    for asked in ("0", "cuda", "cuda:1", "0,1"):
+        with pytest.raises(BadInput, match=f"--device {asked}: torch sees no CUDA GPU"):
+            torch_device(asked)
+
+
 # -- single files ----------------------------------------------------------------------------------------------
 def test_images(tmp_path):
     empty, junk, missing = tmp_path / "e.jpg", tmp_path / "j.jpg", tmp_path / "m.jpg"

@@ -137,10 +137,38 @@ def test_dataset_counts_missing_frames(lpr4m_mini, tmp_path):
     problems = Problems()
     data = build_yolo_dataset(Dataset(root), tmp_path / "cache", workers=1, problems=problems)
     assert data.manifest["train"]["missing_frame"] == 2 and problems.counts["missing_frame"] == 2
-    with pytest.raises(BadInput, match="missing frame"):
+    with pytest.raises(BadInput, match=r"-0000\.jpg: missing frame \(2 in the train split\)"):
         build_yolo_dataset(Dataset(root), tmp_path / "cache", workers=1, problems=Problems(strict=True), rebuild=True)
     assert spread(list(range(10)), 3) == [0, 4, 9] and spread([1, 2], 5) == [1, 2]
 
+
+
+def test_dataset_build_skips_bad_box_entries_and_strict_stops_in_worker_pool(lpr4m_mini, tmp_path):
+    """A bad entry in test_frameid2gtbox is skipped and counted; with --strict the error raised while the pool's
+    task feeder reads rows reaches the parent intact (BadInput pickles), instead of killing a worker and hanging."""
+    import json
+    import pickle
+
+    from detector.dataset import build_yolo_dataset
+    root = tmp_path / "ds"
+    shutil.copytree(lpr4m_mini / "annotations", root / "annotations")
+    for sub in ("training_video", "query"):
+        os.symlink(lpr4m_mini / sub, root / sub)
+    box_file = root / "annotations" / "test_frameid2gtbox.json"
+    boxes = json.loads(box_file.read_text())
+    first = next(iter(boxes))
+    boxes[first] = [[0.1, float("nan"), 0.5, 0.5]]
+    boxes["../../../etc/passwd"] = []
+    box_file.write_text(json.dumps(boxes))
+    problems = Problems()
+    data = build_yolo_dataset(Dataset(root, problems), tmp_path / "cache", workers=2, problems=problems)
+    assert problems.counts["bad_annotation"] == 2 and data.manifest["val"]["frames"] == len(boxes) - 2
+    assert any(first in m for m in problems.messages)  # the message names the frame
+    strict = Problems(strict=True)
+    with pytest.raises(BadInput, match="test_frameid2gtbox.json: frame"):
+        build_yolo_dataset(Dataset(root, strict), tmp_path / "cache", workers=2, problems=strict, rebuild=True)
+    err = pickle.loads(pickle.dumps(BadInput("f.txt", "bad row", 3)))
+    assert (str(err), err.line) == ("f.txt:3: bad row", 3)
 
 # -- training ---------------------------------------------------------------------------------------------------
 def test_training_run_folder_resume_and_offline(trained):
@@ -457,3 +485,13 @@ def test_scripts_run_from_repo_root(script):
     r = subprocess.run([sys.executable, f"detector/{script}.py", "--help"], cwd=REPO, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0 and "usage:" in r.stdout
+
+
+def test_first_ultralytics_import_keeps_stdout_for_json(tmp_path):
+    """ultralytics prints "Creating new Ultralytics Settings..." on stdout the first time; our commands print their
+    JSON result there, so that banner must go to stderr."""
+    env = {**os.environ, "LPR_CACHE_DIR": str(tmp_path / "fresh-cache")}
+    proc = subprocess.run([sys.executable, "-c", "from detector import yolo; yolo.ul()"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout == ""
+    assert (tmp_path / "fresh-cache" / "ultralytics-config" / "Ultralytics" / "settings.json").is_file()

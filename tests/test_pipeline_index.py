@@ -183,6 +183,22 @@ def test_save_is_atomic_and_load_checks_integrity(tmp_path, monkeypatch):
         G.GalleryIndex.load(tmp_path / "missing")
 
 
+def test_load_refuses_meta_rows_that_do_not_match_the_index(tmp_path):
+    from pipeline import gallery as G
+    out = G.GalleryIndex.from_vectors(_clustered(10), _items(10), {"fingerprint": "fp"}).save(tmp_path / "idx")
+    meta = json.loads((out / "meta.json").read_text())
+    meta["image_ids"] = meta["image_ids"][1:] + meta["image_ids"][:1]  # shifted by one row: same length
+    (out / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(BadInput, match=r"meta\.json: .*do not match the index") as exc:
+        G.GalleryIndex.load(out)
+    assert "\n" not in str(exc.value)
+    meta["image_ids"] = meta["image_ids"][:-1]  # and a legacy meta (no checksum) with a short list
+    del meta["rows_sha256"]
+    (out / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(BadInput, match="do not match"):
+        G.GalleryIndex.load(out)
+
+
 # -- with a real embedder and the CLI --------------------------------------------------------------------------
 def _run(main, argv, capsys):
     from lpr4m.cli import run_main
@@ -276,6 +292,10 @@ def test_index_cli_bad_galleries(tmp_path, emb_weights, lpr4m_mini, capsys):
     code, _, err = _run(main, ["--gallery", only_bad, "--out", tmp_path / "o4", "--weights", emb_weights], capsys)
     assert code == 2 and "could be read" in err and not (tmp_path / "o4").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    code, _, err = _run(main, ["--gallery", lpr4m_mini, "--live", "nonexistent", "--out", tmp_path / "o5",
+                               "--weights", emb_weights], capsys)
+    assert code == 2 and "'nonexistent' is not a live-stream id" in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in (lpr4m_mini / "gallery").iterdir())[0] in err  # lists the known ids
 
 
 @pytest.mark.gpu

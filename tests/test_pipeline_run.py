@@ -128,6 +128,33 @@ def test_run_index_and_cached_gallery(clip_and_gallery, emb_weights, other_emb_w
     assert not js.exists()
 
 
+def test_cached_index_keeps_its_skipped_images(clip_and_gallery, emb_weights, tmp_path, capsys, caplog):
+    """A cache hit re-logs the skipped shop images and fails under --strict, exactly as a fresh build."""
+    import shutil
+    clip, gallery, _ = clip_and_gallery
+    bad = tmp_path / "gal_bad"
+    bad.mkdir()
+    for p in sorted(gallery.glob("*.jpg"))[:2]:
+        shutil.copy(p, bad / p.name)
+    (bad / "broken.jpg").write_bytes(b"not a jpeg")
+    base = ["--clip", clip, "--gallery", bad, "--weights", emb_weights, "--no-detector", "--max-frames", "1"]
+    for _ in range(2):  # fresh build, then cache hit
+        caplog.clear()
+        code, _, err = _run(base, capsys)
+        assert code == 0, err
+        assert "skipped 1 unreadable shop image(s)" in caplog.text and "broken.jpg" in caplog.text
+    code, _, err = _run(base + ["--strict"], capsys)
+    assert code == 2 and "broken.jpg" in err and len(err.strip().splitlines()) == 1
+
+
+def test_unknown_live_id_is_an_error(clip_and_gallery, emb_weights, lpr4m_mini, capsys):
+    clip, gallery, tc = clip_and_gallery
+    code, out, err = _run(["--clip", clip, "--gallery", lpr4m_mini, "--weights", emb_weights, "--no-detector",
+                           "--max-frames", "1", "--live", "nonexistent"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and not out
+    assert "'nonexistent' is not a live-stream id" in err and tc.live_id in err
+
+
 def test_onnx_backend_uses_an_index_built_with_torch(clip_and_gallery, emb_weights, tmp_path, capsys):
     """An ONNX export of the same checkpoint (it records the source sha256) may query a torch-built index."""
     from lpr4m.cli import run_main

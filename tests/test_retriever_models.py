@@ -1,4 +1,5 @@
 """Backbone registry, checkpoints + config, preprocessing, embedder, aggregation and crops."""
+import json
 import os
 import time
 
@@ -11,6 +12,7 @@ from retriever.aggregate import aggregate, attention_weights, set_scores
 from retriever.config import EmbedderConfig, config_path_for
 from retriever.crops import clip_inputs, crop_boxes, even_indices, gt_crops, normalised_to_pixels
 from retriever.embedder import Embedder, TorchBackend, load_embedder, pool_params_from_model, save_checkpoint
+from retriever.exporting import OPSETS, export_onnx
 from retriever.models import BackboneUnavailable, create_embedder, list_backbones
 from retriever.preprocess import resize, to_batch
 
@@ -115,6 +117,40 @@ def test_mismatched_or_bad_files_are_refused(tmp_path):
     bad.write_text('{"backbone": "efficientnet_lite0", "embed_dimm": 3}')
     with pytest.raises(BadInput, match="embed_dim"):
         EmbedderConfig.load(bad)
+
+
+def _edit_config(weights, **changes):
+    path = config_path_for(weights)
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def test_config_that_does_not_fit_the_weights_is_refused(tmp_path):
+    """The sha256 matches (the weights are untouched) but the sidecar's sizes are not theirs: one line at load."""
+    _, path = _tiny_checkpoint(tmp_path)
+    _edit_config(path, embed_dim=32)
+    with pytest.raises(BadInput, match=r"has shape \(.*embed_dim 32.*do not belong together"):
+        load_embedder(path)
+
+
+def test_onnx_opset_ends_and_a_sidecar_that_does_not_fit(tmp_path):
+    _, path = _tiny_checkpoint(tmp_path)
+    for opset in (OPSETS[0], OPSETS[-1]):
+        assert export_onnx(path, tmp_path / f"e{opset}.onnx", opset=opset)["parity_min_cosine"] >= 0.9999
+    onnx_path = tmp_path / f"e{OPSETS[-1]}.onnx"
+    for key, value, what in (("input_size", 96, "input"), ("embed_dim", 32, "output")):
+        _edit_config(onnx_path, **{key: value})
+        with pytest.raises(BadInput, match=f"ONNX {what} shape"):
+            load_embedder(onnx_path)
+        _edit_config(onnx_path, input_size=64, embed_dim=24)
+    assert load_embedder(onnx_path).dim == 24
+
+
+def test_detector_weights_passed_as_embedder(tmp_path):
+    weights = tmp_path / "detector.safetensors"
+    weights.write_bytes(b"x")
+    (tmp_path / "detector.json").write_text(json.dumps({"model": "yolo11n.yaml", "model_yaml": {"nc": 1}}))
+    with pytest.raises(BadInput, match="detector weights"):
+        load_embedder(weights)
 
 
 def test_aggregation():

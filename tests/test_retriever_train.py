@@ -1,6 +1,7 @@
 """Training CLI (cached and on-the-fly views, resume, DDP with gloo), evaluation CLI, ONNX export parity."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,8 @@ import torch
 from lpr4m.cli import run_main
 from lpr4m.layout import Dataset
 from retriever import load_embedder
-from retriever.data import UniqueImageBatchSampler
+from retriever.benchmark import main as bench_main
+from retriever.data import UniqueImageBatchSampler, load_pairs
 from retriever.evaluation import main as evaluate_main
 from retriever.exporting import main as export_main
 from retriever.training import main as train_main
@@ -185,3 +187,76 @@ def test_tensorrt_engine(trained, tmp_path):
 def test_train_bad_input(tmp_path):
     assert run_main(train_main, ["--data", str(tmp_path / "missing")]) == 2
     assert run_main(train_main, ["--resume", str(tmp_path)]) == 2
+
+
+@pytest.mark.parametrize("main, argv", [
+    (train_main, ["--lr", "nan"]), (train_main, ["--temperature", "0"]), (train_main, ["--cache-views", "-1"]),
+    (train_main, ["--image-views", "0"]), (train_main, ["--log-every", "0"]), (train_main, ["--device", "bogus"]),
+    (evaluate_main, ["--frames", "0"]), (evaluate_main, ["--limit", "0"]), (evaluate_main, ["--limit", "-1"]),
+    (evaluate_main, ["--rankings-k", "0"]), (evaluate_main, ["--batch-size", "0"]),
+    (evaluate_main, ["--device", "bogus"]),
+    (evaluate_main, ["--frozen-backbone", "efficientnet_lite0", "--input-size", "0"]),
+    (evaluate_main, ["--weights", "w.safetensors", "--frozen-backbone", "efficientnet_lite0"]),
+    (bench_main, ["--repeats", "0"]), (bench_main, ["--gallery-size", "0"]), (bench_main, ["--dim", "-3"]),
+    (bench_main, ["--threads", "-1"]),
+    (export_main, ["--weights", "w.safetensors", "--opset", "3"]),
+    (export_main, ["--weights", "w.safetensors", "--opset", "99"]),
+])
+def test_bad_flags_are_usage_errors(main, argv, capsys):
+    """argparse refuses them before any work (exit 2): none may train, evaluate or export with a silent meaning."""
+    with pytest.raises(SystemExit) as e:
+        run_main(main, (["--data", "unused"] if main is evaluate_main else []) + argv)
+    assert e.value.code == 2 and "error: argument" in capsys.readouterr().err
+
+
+def test_bench_refuses_a_folder_as_output_before_benchmarking(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("retriever.benchmark.bench_ranking", lambda *a, **k: pytest.fail("benchmarked first"))
+    with pytest.raises(SystemExit) as e:  # argparse's output_file check, before any work
+        bench_main(["--skip-embed", "--csv", str(tmp_path)])
+    assert e.value.code == 2 and "argument --csv: is a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["/../../x/ESCAPED", "a/b"])
+def test_unsafe_run_name_is_refused(lpr4m_mini, tmp_path, capsys, name):
+    runs = tmp_path / "sub" / "runs"
+    assert run_main(train_main, ["--data", str(lpr4m_mini), *TINY, "--epochs", "1", "--freeze-stages", "6",
+                                 "--limit", "12", "--val-data", "none", "--runs-dir", str(runs), "--name", name]) == 2
+    err = capsys.readouterr().err
+    assert "unsafe run name" in err and len(err.strip().splitlines()) == 1
+    assert not runs.exists() and not list(tmp_path.rglob("ESCAPED"))  # refused before anything is written
+
+
+def test_gpu_device_without_gpu_is_one_line(trained, lpr4m_mini, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for main, argv in ((train_main, ["--data", str(lpr4m_mini), *TINY]),
+                       (evaluate_main, ["--data", str(lpr4m_mini), "--weights", trained["weights"]])):
+        for device in ("cuda", "0", "cuda:1"):
+            assert run_main(main, argv + ["--device", device]) == 2
+            err = capsys.readouterr().err
+            assert "--device" in err and len(err.strip().splitlines()) == 1
+
+
+def test_diverging_training_stops_without_saving_weights(lpr4m_mini, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    assert run_main(train_main, ["--data", str(lpr4m_mini), *TINY, "--epochs", "3", "--freeze-stages", "6",
+                                 "--limit", "12", "--val-data", "none", "--runs-dir", str(runs), "--lr", "1e30"]) == 2
+    assert "lower --lr" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not list(runs.rglob("*.safetensors"))
+
+
+@pytest.mark.parametrize("views", [["--freeze-stages", "6"],  # on-the-fly views
+                                   ["--preset", "cpu", "--cache-views", "1", "--image-views", "1"]])
+def test_unreadable_training_images_are_skipped_and_counted(lpr4m_mini, tmp_path, capsys, views):
+    data = tmp_path / "data"
+    shutil.copytree(lpr4m_mini, data)
+    pairs = load_pairs(Dataset(data))
+    pairs[0].image_path.write_bytes(b"not a jpeg")
+    frame = pairs[1].frame_paths[0]
+    frame.write_bytes(frame.read_bytes()[:200])  # truncated
+    common = ["--data", str(data), *TINY, *views, "--epochs", "1", "--val-data", "none", "--max-minutes", "0",
+              "--runs-dir", str(tmp_path / "runs")]
+    res = _train(common, tmp_path, capsys)
+    assert res["problems"]["by_kind"] == {"unreadable_image": 2} and Path(res["weights"]).is_file()
+    assert json.loads((Path(res["run_dir"]) / "metrics.json").read_text())["problems"]["total"] == 2
+    assert run_main(train_main, common + ["--strict"]) == 2
+    assert str(pairs[0].image_path) in capsys.readouterr().err.strip().splitlines()[-1]
