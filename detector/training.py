@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -276,7 +277,11 @@ def train(args: argparse.Namespace, callbacks: dict | None = None) -> dict:
         data = build_yolo_dataset(ds, args.cache_dir, workers=knobs["workers"] or None, problems=problems,
                                   rebuild=args.rebuild_cache, frames_per_clip=knobs["frames_per_clip"])
         run_dir = _new_run_dir(runs_dir, args.name)
-        start, desc = _start_weights(knobs["model"], run_dir, args.trust_pickle)
+        try:
+            start, desc = _start_weights(knobs["model"], run_dir, args.trust_pickle)
+        except BadInput:
+            shutil.rmtree(run_dir, ignore_errors=True)  # refused before training: leave no empty run folder
+            raise
         cpu = knobs["device"] == "cpu"
         overrides = dict(epochs=knobs["epochs"], imgsz=knobs["imgsz"], batch=knobs["batch"], device=knobs["device"],
                          workers=knobs["workers"], patience=knobs["patience"], close_mosaic=knobs["close_mosaic"],

@@ -444,6 +444,11 @@ def test_wrong_or_unsafe_weights_are_refused(trained, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "evil.pt" in err and "Traceback" not in err
     assert zipfile.is_zipfile(evil) and not marker.exists()
+    from detector import training
+    runs = tmp_path / "runs"
+    assert run_main(training.main, ["--data", str(trained.data), "--preset", "tiny", "--model", str(evil),
+                                    "--runs-dir", str(runs)]) == 2
+    assert "trust-pickle" in capsys.readouterr().err and list(runs.iterdir()) == []  # no empty run folder left
 
 
 def test_engine_export_without_gpu_exits_2(trained, tmp_path, capsys):
