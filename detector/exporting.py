@@ -12,7 +12,8 @@ from typing import Sequence
 import numpy as np
 
 from detector.config import DetectorConfig, sidecar
-from lpr4m.cli import device_arg, emit_json, image_size, output_file, positive_float, positive_int, setup_logging
+from lpr4m.cli import (device_arg, emit_json, image_size, output_file, positive_float, positive_int, setup_logging,
+                       torch_device)
 from lpr4m.errors import BadInput
 from lpr4m.io import atomic_path
 
@@ -154,7 +155,7 @@ def export_engine(weights, output=None, imgsz: int | None = None, max_batch: int
     from detector import yolo
     weights = Path(weights)
     output = Path(output) if output else weights.with_suffix(".engine")
-    torch.cuda.set_device(int(str(device).split(",")[0]))
+    torch.cuda.set_device(torch.device(torch_device(device)))
     with tempfile.TemporaryDirectory() as tmpdir:
         onnx_info = export_onnx(weights, Path(tmpdir) / "model.onnx", imgsz, trust_pickle=trust_pickle)
         imgsz = onnx_info["imgsz"]

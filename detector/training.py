@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--hours", type=positive_float,
                    help="wall-time budget: ultralytics fits the epochs into it (overrides --epochs); the cpu "
                         "preset uses 0.22 h")
-    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--seed", type=nonnegative_int, default=0)
     o = p.add_argument_group("output")
     o.add_argument("--name", default="yolo", help="run name suffix (folder: <runs-dir>/<timestamp>-<name>)")
     o.add_argument("--runs-dir", default="runs/detector")
@@ -249,7 +249,8 @@ def train(args: argparse.Namespace, callbacks: dict | None = None) -> dict:
     from detector.dataset import build_yolo_dataset
     made_by = "python detector/train.py " + " ".join(shlex.quote(a) for a in (args.argv or []))
     knobs = resolve_knobs(args)
-    torch_device(knobs["device"])  # a GPU this machine lacks: one line now, not ultralytics' error after the build
+    # a GPU this machine lacks: one line now, not ultralytics' error after the build; "auto" as ultralytics names it
+    knobs["device"] = torch_device(knobs["device"], several=True).replace("cuda:", "").replace("cuda", "0")
     runs_dir = Path(args.runs_dir)
     t0 = time.time()
     if args.resume:

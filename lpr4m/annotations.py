@@ -120,23 +120,23 @@ def read_training_videoinfo(path, problems: Problems | None = None) -> Iterator[
     """Stream the rows of a ``training_videoinfo*.txt``; bad rows raise, or are counted in ``problems``."""
     path = Path(path)
     try:
-        f = open(path, encoding="utf-8", newline="")
+        f = open(path, "rb")  # decoded line by line: one bad byte costs its row, not the file
     except FileNotFoundError:
         raise BadInput(path, "file not found") from None
     with f:
-        try:
-            for lineno, text in enumerate(f, 1):
-                text = text.rstrip("\r\n")
-                if not text.strip():
-                    continue
+        for lineno, raw in enumerate(f, 1):
+            try:
                 try:
+                    text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8").rstrip("\r\n")
+                except UnicodeDecodeError:
+                    raise BadInput(path, "not UTF-8 text (expected a tab-separated training_videoinfo row)",
+                                   lineno) from None
+                if text.strip():
                     yield _parse_row(text.split("\t"), path, lineno)
-                except BadInput as err:
-                    if problems is None:
-                        raise
-                    problems.add(err, "malformed_row")
-        except UnicodeDecodeError:
-            raise BadInput(path, "not UTF-8 text (expected a tab-separated training_videoinfo file)") from None
+            except BadInput as err:
+                if problems is None:
+                    raise
+                problems.add(err, "malformed_row")
 
 
 def _cell(text) -> str:

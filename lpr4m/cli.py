@@ -113,9 +113,10 @@ def device_arg(text: str) -> str:
     return text
 
 
-def torch_device(text: str) -> str:
+def torch_device(text: str, several: bool = False) -> str:
     """A torch device string for ``--device`` text, refusing a GPU this machine does not have (one line, not
-    torch's "Found no NVIDIA driver" traceback)."""
+    torch's "Found no NVIDIA driver" traceback). ``several``: a GPU list ``0,1,...`` (multi-GPU training) is
+    allowed and returned as given."""
     import torch
     text = str(text).strip().lower()
     if text == "auto":
@@ -123,9 +124,15 @@ def torch_device(text: str) -> str:
     asked = text
     if text.isdigit():
         text = f"cuda:{text}"
-    if text in ("cpu", "mps"):
+    if text == "cpu":
         return text
-    if re.match(r"^\d+(,\d+)+$", text):  # several GPUs (multi-GPU training): every id must exist
+    if text == "mps":
+        if not torch.backends.mps.is_available():
+            raise BadInput(None, "--device mps: this torch has no Apple-silicon (MPS) device here")
+        return text
+    if re.match(r"^\d+(,\d+)+$", text):
+        if not several:
+            raise BadInput(None, f"--device {text}: this command runs on one device (e.g. --device 0)")
         ids = [int(i) for i in text.split(",")]
     elif re.match(r"^cuda(:\d+)?$", text):
         ids = [int(text.split(":")[1]) if ":" in text else 0]

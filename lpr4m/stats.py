@@ -321,13 +321,13 @@ def dataset_stats(root, problems: Problems | None = None, verify: bool = False) 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from lpr4m.cli import emit_json, output_file, setup_logging
+    from lpr4m.cli import emit_json, nonnegative_int, output_file, setup_logging
     ap = argparse.ArgumentParser(prog="python -m lpr4m stats", description=__doc__.split("\n")[0])
     ap.add_argument("root", help="LPR4M dataset root (with annotations/)")
     ap.add_argument("--strict", action="store_true", help="stop at the first problem (exit 2)")
     ap.add_argument("--verify", action="store_true", help="also decode every image and probe every video (slow)")
     ap.add_argument("--out", type=output_file, help="write the JSON summary here instead of stdout")
-    ap.add_argument("--max-messages", type=int, default=1000, help="problem messages kept in the summary")
+    ap.add_argument("--max-messages", type=nonnegative_int, default=1000, help="problem messages kept in the summary")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
     setup_logging(args.verbose)

@@ -484,6 +484,11 @@ class GalleryIndex:
         self._rebuild_lookup()
         self._gpu_index = None
 
+    def report_skipped(self, strict: bool = False) -> None:
+        """Warn about (or, ``strict``, refuse) an index that was built without some unreadable shop images."""
+        skipped = self.meta.get("skipped", [])
+        report_skipped(skipped, self.meta.get("skipped_total", len(skipped)), strict)
+
     # -- embedder check ----------------------------------------------------------------------------------------
     def check_embedder(self, embedder) -> None:
         """Refuse a query embedder that is not the one the index was built with (vectors would be meaningless)."""
@@ -690,8 +695,7 @@ def cached_index(gallery_dir, embedder, index_type: str = "flat", strict: bool =
             logger.warning("cached index unusable (%s): rebuilding", err)
         else:
             logger.info("gallery index from cache %s", path)
-            skipped = gi.meta.get("skipped", [])
-            report_skipped(skipped, gi.meta.get("skipped_total", len(skipped)), strict)
+            gi.report_skipped(strict)
             return gi
     logger.info("building the gallery index of %s (%d shop images); cached at %s", root, len(items), path)
     problems = Problems(strict=strict)

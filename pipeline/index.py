@@ -16,7 +16,7 @@ import argparse  # noqa: E402
 import logging  # noqa: E402
 from typing import Sequence  # noqa: E402
 
-from lpr4m.cli import device_arg, emit_json, positive_int, run_main, setup_logging  # noqa: E402
+from lpr4m.cli import device_arg, emit_json, output_file, positive_int, run_main, setup_logging  # noqa: E402
 from lpr4m.errors import BadInput, Problems  # noqa: E402
 
 logger = logging.getLogger("pipeline.index")
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", type=device_arg, default="auto")
     p.add_argument("--batch", type=positive_int, default=32)
     p.add_argument("--strict", action="store_true", help="an unreadable shop image is fatal")
-    p.add_argument("--summary", metavar="FILE", help="write the JSON summary here instead of stdout")
+    p.add_argument("--summary", type=output_file, metavar="FILE", help="write the JSON summary here instead of stdout")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 

@@ -26,7 +26,7 @@ import shutil  # noqa: E402
 import tempfile  # noqa: E402
 from typing import Sequence  # noqa: E402
 
-from lpr4m.cli import emit_json, positive_int, run_main, setup_logging  # noqa: E402
+from lpr4m.cli import emit_json, nonnegative_int, positive_int, run_main, setup_logging  # noqa: E402
 from lpr4m.errors import BadInput  # noqa: E402
 
 logger = logging.getLogger("pipeline.make_demo")
@@ -213,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", help="a synthesized LPR4M root (default: synthesize --preset demo into a temp folder)")
     p.add_argument("--preset", default="demo")
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--seed", type=nonnegative_int, default=1)
     p.add_argument("--clips", type=positive_int, default=3, help="demo clips to bundle")
     p.add_argument("--out", default=str(DEMO_DIR), help="demo folder to (re)write")
     p.add_argument("--any-clips", action="store_true",

@@ -80,7 +80,9 @@ def load_gallery(args, embedder):
     from pipeline.backends import DEMO_DIR
     from pipeline.gallery import GalleryIndex, cached_index
     if args.index:
-        return GalleryIndex.load(args.index, embedder)
+        gallery = GalleryIndex.load(args.index, embedder)
+        gallery.report_skipped(args.strict)
+        return gallery
     gallery = Path(args.gallery) if args.gallery else DEMO_DIR / "gallery"
     if not args.gallery and not gallery.is_dir():
         raise BadInput(gallery, "bundled demo gallery missing; pass --gallery DIR or --index INDEX "

@@ -227,7 +227,27 @@ def test_torch_device_refuses_a_gpu_that_is_not_there():
         pytest.skip("this machine has a GPU")
     for asked in ("0", "cuda", "cuda:1", "0,1"):
         with pytest.raises(BadInput, match=f"--device {asked}: torch sees no CUDA GPU"):
-            torch_device(asked)
+            torch_device(asked, several=True)
+    with pytest.raises(BadInput, match="runs on one device"):
+        torch_device("0,1")
+    if not torch.backends.mps.is_available():
+        with pytest.raises(BadInput, match="--device mps"):
+            torch_device("mps")
+
+
+def test_one_undecodable_training_row_is_skipped_not_the_file(tmp_path):
+    from lpr4m import annotations as ann
+    import uuid
+    a, b = f"{uuid.UUID(int=1)}-1000-9000", f"{uuid.UUID(int=2)}-1000-9000"
+    img1, img2 = str(uuid.UUID(int=3)), str(uuid.UUID(int=4))
+    path = tmp_path / "training_videoinfo.txt"
+    ann.write_training_videoinfo(path, [ann.TrainingClip(a, [f"{a}-0000"], [[[0.1, 0.1, 0.5, 0.5]]], img1),
+                                        ann.TrainingClip(b, [f"{b}-0000"], [[]], img2)])
+    lines = path.read_bytes().split(b"\n")
+    path.write_bytes(b"\xef\xbb\xbf" + lines[0] + b"\n" + lines[1].replace(b"\t\t", b"\t\xe9\t", 1) + b"\n")
+    problems = Problems()
+    assert [c.video_id for c in ann.read_training_videoinfo(path, problems)] == [a]  # the BOM row parses
+    assert problems.counts["malformed_row"] == 1 and problems.messages[0].startswith(f"{path}:2: not UTF-8")
 
 
 # -- single files ----------------------------------------------------------------------------------------------
