@@ -15,7 +15,7 @@ import torch
 
 from lpr4m.cli import progress
 from lpr4m.errors import BadInput, Problems
-from lpr4m.images import load_rgb
+from lpr4m.images import check_image, load_rgb
 from lpr4m.layout import Dataset
 from retriever.crops import crop_boxes, largest_box, normalised_to_pixels
 from retriever.preprocess import normalize, resize
@@ -73,7 +73,7 @@ class _ReadCheck(torch.utils.data.Dataset):
         return i, None
 
 
-def unreadable_images(pairs: list[TrainPair], problems: Problems, read=load_rgb, workers: int = 0) -> set[Path]:
+def unreadable_images(pairs: list[TrainPair], problems: Problems, read=check_image, workers: int = 0) -> set[Path]:
     """Read every frame and shop image of ``pairs`` once (in ``workers`` processes); each unreadable one is logged
     and counted once (``problems.strict``: the first one stops the run).
 

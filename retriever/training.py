@@ -31,7 +31,7 @@ from torch import nn
 from lpr4m.cli import (device_arg, emit_json, nonnegative_float, nonnegative_int, output_file, positive_float,
                        positive_int, progress, setup_logging, torch_device)
 from lpr4m.errors import BadInput, Problems
-from lpr4m.images import load_rgb
+from lpr4m.images import check_image
 from lpr4m.io import atomic_path, atomic_write, write_json
 from lpr4m.layout import Dataset
 from retriever.config import AGGREGATIONS, EmbedderConfig
@@ -407,7 +407,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # readable images only, checked before the run folder exists (a --strict stop leaves none behind); the cached
     # path decodes every image into memory anyway, so there the check fills that store
     store = ImageStore(cfg["max_side"], problems) if cfg["cache_views"] and frozen > 0 else None
-    bad = unreadable_images(pairs, problems, store.get if store else load_rgb, 0 if store else cfg["workers"]) \
+    bad = unreadable_images(pairs, problems, store.get if store else check_image, 0 if store else cfg["workers"]) \
         if rank == 0 else None
     pairs = drop_images(pairs, broadcast_object(bad))
     sampler = UniqueImageBatchSampler([p.image_id for p in pairs], cfg["batch_size"], cfg["seed"], rank, world)

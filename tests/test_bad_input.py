@@ -252,13 +252,21 @@ def test_one_undecodable_training_row_is_skipped_not_the_file(tmp_path):
 
 # -- single files ----------------------------------------------------------------------------------------------
 def test_images(tmp_path):
-    empty, junk, missing = tmp_path / "e.jpg", tmp_path / "j.jpg", tmp_path / "m.jpg"
+    """``load_rgb`` and the fast pre-flight ``check_image`` refuse the same files with the same one line."""
+    from lpr4m.images import check_image, save_jpeg
+    empty, junk, missing, cut = (tmp_path / f"{n}.jpg" for n in ("e", "j", "m", "t"))
     empty.write_bytes(b"")
     junk.write_text("hello")
-    for path, msg in ((empty, "empty file"), (junk, "corrupt or unreadable image"), (missing, "image not found")):
-        with pytest.raises(BadInput) as e:
-            load_rgb(path)
-        assert str(e.value) == f"{path}: {e.value.message}" and msg in e.value.message
+    good = tmp_path / "good.jpg"
+    save_jpeg(good, (np.random.default_rng(0).random((360, 640, 3)) * 255).astype(np.uint8))
+    cut.write_bytes(good.read_bytes()[:good.stat().st_size // 2])  # a truncated JPEG with a valid header
+    check_image(good)
+    for path, msg in ((empty, "empty file"), (junk, "corrupt or unreadable image"), (missing, "image not found"),
+                      (cut, "corrupt or unreadable image")):
+        for read in (load_rgb, check_image):
+            with pytest.raises(BadInput) as e:
+                read(path)
+            assert str(e.value) == f"{path}: {e.value.message}" and msg in e.value.message
 
 
 def test_truncated_json_names_line(tmp_path):
