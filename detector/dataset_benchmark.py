@@ -155,8 +155,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     import sys
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    if args.runs < 1 or min(args.clips) < 1 or args.frames_per_clip < 1:
-        raise BadInput(None, "--runs, --clips and --frames-per-clip must be >= 1")
     result = run(args)
     print(f"YOLO dataset view build, {args.workers} workers, {args.frames_per_clip} frames/clip, median of "
           f"{args.runs} fresh builds", file=sys.stderr)
