@@ -12,6 +12,9 @@ Ultralytics finds a label by replacing ``/images/`` with ``/labels/`` in the ima
 reached through the symlinked ``images/`` tree. The key hashes the dataset root and the size and mtime of the
 annotation files, so a changed annotation rebuilds and an unchanged one is reused. Rows are streamed and written by
 a process pool in chunks; memory holds one chunk, never the whole list (the test boxes JSON is read whole).
+Missing, empty and corrupt frames (``lpr4m.images.frame_problem``: header and end marker, no decode) are left out
+and counted, so ultralytics' label scan never meets a truncated JPEG, which it would re-encode in place: in the
+user's dataset, through the links.
 """
 from __future__ import annotations
 
@@ -31,11 +34,12 @@ from lpr4m.cli import progress
 from lpr4m.errors import BadInput, Problems
 from lpr4m.io import atomic_write, read_json, write_json
 from lpr4m.ids import parse_frame_id
+from lpr4m.images import frame_problem
 from lpr4m.layout import Dataset
 
 logger = logging.getLogger(__name__)
 
-BUILD_VERSION = 1
+BUILD_VERSION = 2  # 2: corrupt frames (and JPEGs without an end marker) are left out and counted
 CHUNK = 256  # clips per worker task
 MIN_SIDE = 1e-6  # boxes thinner than this (normalised) carry no signal and break YOLO's xywh
 
@@ -83,11 +87,11 @@ def yolo_label(boxes: Iterable) -> tuple[str, int]:
 
 
 def _write_chunk(task) -> tuple[list[str], dict, dict]:
-    """Worker: link each clip's frame folder, write its labels; returns the list lines, counts and the first frame
-    of each kind of problem (what --strict names)."""
+    """Worker: link each clip's frame folder, write its labels; returns the list lines, counts and the first
+    ``(frame, reason)`` of each kind of problem (what --strict names)."""
     split, out_root, items = task
     counts: Counter = Counter()
-    first: dict[str, str] = {}
+    first: dict[str, tuple[str, str]] = {}
     lines: list[str] = []
     out_root = Path(out_root)
     for video_id, frame_dir, frames in items:
@@ -99,19 +103,15 @@ def _write_chunk(task) -> tuple[list[str], dict, dict]:
         label_dir.mkdir(parents=True, exist_ok=True)
         for frame_id, boxes in frames:
             frame = os.path.join(frame_dir, frame_id + ".jpg")
-            try:
-                if os.stat(frame).st_size == 0:
-                    counts["empty_frame"] += 1
-                    first.setdefault("empty_frame", frame)
-                    continue
-            except FileNotFoundError:
-                counts["missing_frame"] += 1
-                first.setdefault("missing_frame", frame)
+            if problem := frame_problem(frame):
+                kind, reason = problem
+                counts[kind] += 1
+                first.setdefault(kind, (frame, reason))
                 continue
             text, dropped = yolo_label(boxes)
             counts["degenerate_box"] += dropped
             if dropped:
-                first.setdefault("degenerate_box", frame)
+                first.setdefault("degenerate_box", (frame, "box thinner than the minimum side"))
             with open(label_dir / (frame_id + ".txt"), "w", encoding="utf-8") as f:
                 f.write(text)
             lines.append(f"./images/{split}/{video_id}/{frame_id}.jpg\n")
@@ -152,7 +152,7 @@ def _chunks(it: Iterator, n: int) -> Iterator[list]:
 
 def _run_split(split: str, items: Iterator, out: Path, workers: int, problems: Problems) -> dict:
     counts: Counter = Counter()
-    first: dict[str, str] = {}
+    first: dict[str, tuple[str, str]] = {}
     tasks = ((split, str(out), chunk) for chunk in _chunks(items, CHUNK))
     bar = progress(desc=f"labels {split}", unit="frame")
     with atomic_write(out / f"{split}.txt") as f:
@@ -172,12 +172,14 @@ def _run_split(split: str, items: Iterator, out: Path, workers: int, problems: P
                 first = {**bad, **first}
                 bar.update(c.get("frames", 0))
     bar.close()
-    for kind in ("missing_frame", "empty_frame", "degenerate_box"):
+    for kind in ("missing_frame", "empty_frame", "corrupt_frame", "degenerate_box"):
         if counts.get(kind):
+            frame, reason = first[kind]
             problems.counts[kind] += counts[kind]
-            problems.messages.append(f"{split}: {counts[kind]} {kind.replace('_', ' ')}(s) skipped")
+            problems.messages.append(f"{split}: {counts[kind]} {kind.replace('_', ' ')}(s) skipped, first {frame}: "
+                                     f"{reason}")
             if problems.strict:
-                raise BadInput(first[kind], f"{kind.replace('_', ' ')} ({counts[kind]} in the {split} split)")
+                raise BadInput(frame, f"{kind.replace('_', ' ')}: {reason} ({counts[kind]} in the {split} split)")
     return dict(counts)
 
 

@@ -2,7 +2,8 @@
 
 LPR4M's detection subset has 1.12M boxed training frames and 501k boxed test frames; a real copy is not at hand, so
 this writes annotation files of that shape at several sizes (``--clips`` training clips of ``--frames-per-clip``
-frames, plus test frames in LPR4M's 0.45 ratio) over placeholder frame files (the builder only ``stat``s frames),
+frames, plus test frames in LPR4M's 0.45 ratio) over one tiny JPEG copied as every frame (the builder reads each
+frame's header and last two bytes),
 then times ``build_yolo_dataset`` (fresh, then reused from the cache) and reads the peak memory of the builder and
 its worker processes. Baseline, measured in the same run: writing one label file per frame in a single loop, the
 least any YOLO view must do. The last column extrapolates linearly to LPR4M's size.
@@ -10,6 +11,7 @@ least any YOLO view must do. The last column extrapolates linearly to LPR4M's si
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import multiprocessing
 import os
@@ -20,6 +22,8 @@ import time
 import uuid
 from pathlib import Path
 from typing import Sequence
+
+from PIL import Image
 
 from lpr4m.cli import emit_json, output_file, positive_int, setup_logging
 from lpr4m.errors import BadInput
@@ -38,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=positive_int, default=2,
                    help="builder processes (the training default is min(8, cpus))")
     p.add_argument("--runs", type=positive_int, default=3, help="fresh builds per size (the median is reported)")
-    p.add_argument("--tmp", help="folder for the generated datasets (default: the system temp folder)")
+    p.add_argument("--tmp", type=Path, help="folder for the generated datasets, made if missing (default: the "
+                                           "system temp folder)")
     p.add_argument("--out", type=output_file, help="write the JSON rows here instead of stdout")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -56,15 +61,18 @@ def make_annotation_dataset(root: Path, clips: int, frames_per_clip: int) -> int
     ds = Dataset(root)
     live, image = str(uuid.UUID(int=1)), str(uuid.UUID(int=2))
     box = [0.2, 0.25, 0.6, 0.75]
+    jpeg = io.BytesIO()
+    Image.new("RGB", (32, 18), (128, 96, 64)).save(jpeg, format="JPEG")
+    jpeg = jpeg.getvalue()
 
     def placeholder_clip(split_dir: str, i: int) -> tuple[str, list[str]]:
-        """A clip's frame ids, each with a one-byte file where the layout puts it (the builder only stats it)."""
+        """A clip's frame ids, each with the tiny JPEG where the layout puts it."""
         vid = _video_id(live, i)
         frames = [f"{vid}-{j:04d}" for j in range(frames_per_clip)]
         folder = ds.path(split_dir, vid)
         folder.mkdir(parents=True)
         for f in frames:
-            (folder / f"{f}.jpg").write_bytes(b"\xff")
+            (folder / f"{f}.jpg").write_bytes(jpeg)
         return vid, frames
 
     def clip_rows():
@@ -91,7 +99,15 @@ def _baseline_s(folder: Path, n: int) -> float:
 
 
 def _build_in_child(root: str, cache: str, workers: int, queue) -> None:
-    """One build in a fresh process, so its peak memory (and its workers') is its own."""
+    """One build in a fresh process, so its peak memory (and its workers') is its own; a failure is sent back
+    (a child that died without a word would leave the parent waiting for ever)."""
+    try:
+        queue.put(_timed_builds(root, cache, workers))
+    except BaseException as e:  # noqa: BLE001 - reported by the parent
+        queue.put({"error": f"{type(e).__name__}: {e}"})
+
+
+def _timed_builds(root: str, cache: str, workers: int) -> dict:
     from detector.dataset import build_yolo_dataset
     from lpr4m.layout import Dataset
     t = time.perf_counter()
@@ -102,13 +118,15 @@ def _build_in_child(root: str, cache: str, workers: int, queue) -> None:
     reused = time.perf_counter() - t
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     workers_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    queue.put({"fresh_s": fresh, "reused_s": reused, "peak_mb": own, "worker_peak_mb": workers_peak,
-               "frames": data.manifest["train"]["frames"] + data.manifest["val"]["frames"]})
+    return {"fresh_s": fresh, "reused_s": reused, "peak_mb": own, "worker_peak_mb": workers_peak,
+            "frames": data.manifest["train"]["frames"] + data.manifest["val"]["frames"]}
 
 
 def run(args) -> dict:
     rows = []
     ctx = multiprocessing.get_context("fork")
+    if args.tmp:
+        args.tmp.mkdir(parents=True, exist_ok=True)
     for clips in args.clips:
         with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
             tmp = Path(tmp)
@@ -123,6 +141,8 @@ def run(args) -> dict:
                 child.start()
                 builds.append(queue.get())
                 child.join()
+                if "error" in builds[-1]:
+                    raise BadInput(tmp, f"the dataset build failed: {builds[-1]['error']}")
             base = statistics.median(_baseline_s(tmp / f"base{i}", frames) for i in range(args.runs))
             fresh = statistics.median(b["fresh_s"] for b in builds)
             if builds[0]["frames"] != frames:

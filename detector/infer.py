@@ -306,7 +306,7 @@ def load_torch_model(weights, trust_pickle: bool = False):
             state = load_file(str(weights))
         except (SafetensorError, OSError, ValueError) as e:
             raise BadInput(weights, f"not a safetensors file ({type(e).__name__})") from None
-        model = yolo.build_model(cfg.model_yaml, cfg.nc, cfg.names)
+        model = yolo.build_model(cfg.model_yaml, cfg.nc, cfg.names, source=cfg_path)
         yolo.load_state(model, state, weights)
         return model, cfg
     if weights.suffix == ".pt":

@@ -179,14 +179,20 @@ def model_yaml(name_or_dict: str | dict, nc: int = 1) -> dict:
     return d
 
 
-def build_model(yaml: dict, nc: int = 1, names: list[str] | None = None):
-    """An untrained ``DetectionModel`` from a model description (no weights, no downloads)."""
+def build_model(yaml: dict, nc: int = 1, names: list[str] | None = None, source=None):
+    """An untrained ``DetectionModel`` from a model description (no weights, no downloads). ``source`` (the config
+    file the description came from) is named when the description cannot be built: ultralytics' restricted mode
+    refuses unknown layers and any ``activation`` it would otherwise ``eval``."""
     ul()
     from ultralytics.nn.tasks import DetectionModel
 
     from detector.backbones import no_imagenet_weights
-    with no_imagenet_weights():
-        model = DetectionModel(dict(yaml), ch=3, nc=nc, verbose=False)
+    try:
+        with no_imagenet_weights():
+            model = DetectionModel(dict(yaml), ch=3, nc=nc, verbose=False)
+    except (TypeError, KeyError, ValueError, IndexError, AssertionError) as e:
+        reason = " ".join(str(e).replace("ERROR ❌️ ", "").split())[:300]
+        raise BadInput(source, f"model_yaml cannot be built ({type(e).__name__}: {reason})") from None
     model.names = {i: n for i, n in enumerate(names or ["product"])}
     return model
 

@@ -25,6 +25,31 @@ def check_image(path) -> None:
         im.load()
 
 
+def frame_problem(path) -> tuple[str, str] | None:
+    """``(kind, reason)`` when a frame cannot be trained on, else None: ``missing_frame``, ``empty_frame`` or
+    ``corrupt_frame``. Cheap (the header and the last two bytes, no decode: ~0.1 ms), for a pass over millions of
+    frames. It refuses what ultralytics' label scan drops, and also a JPEG without its end marker, which that scan
+    would re-encode in place: through the dataset cache's links, that file is the user's own frame."""
+    try:
+        with open(path, "rb") as f:
+            if f.seek(0, 2) == 0:
+                return "empty_frame", "empty file"
+            f.seek(-2, 2)
+            tail = f.read(2)
+            f.seek(0)
+            with Image.open(f) as im:
+                fmt, (w, h) = im.format, im.size
+    except FileNotFoundError:
+        return "missing_frame", "not found"
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        return "corrupt_frame", f"not a readable image ({type(e).__name__})"
+    if min(w, h) < 10:
+        return "corrupt_frame", f"image is {w}x{h} (expected at least 10x10)"
+    if fmt == "JPEG" and tail != b"\xff\xd9":
+        return "corrupt_frame", "JPEG end marker missing (truncated file?)"
+    return None
+
+
 @contextlib.contextmanager
 def _opened(path):
     path = Path(path)

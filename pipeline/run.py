@@ -110,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                                       conf=args.conf)
     gallery = load_gallery(args, embedder)
     if args.live is not None:
-        check_live_ids([args.live], gallery.live_ids, args.index or args.gallery or gallery.path)
+        check_live_ids([args.live], gallery.live_ids, args.index or args.gallery or DEMO_DIR / "gallery")
     result, rec = recognize_video(
         args.clip, embedder, gallery, detector, fps=args.fps, max_frames=args.max_frames, k=args.topk,
         method=args.aggregation, crops_per_frame=args.crops_per_frame, thumbs=args.html_frames if args.html else 0,

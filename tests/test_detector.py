@@ -121,24 +121,38 @@ def test_dataset_labels_links_and_cache(lpr4m_mini, tmp_path):
     assert again.manifest["reused"] and again.root == data.root
 
 
-def test_dataset_counts_missing_frames(lpr4m_mini, tmp_path):
+def test_dataset_counts_missing_and_corrupt_frames_and_leaves_them_out(lpr4m_mini, tmp_path):
+    """Missing, garbage and truncated frames are counted and never listed: ultralytics' own scan would re-encode a
+    truncated JPEG in place, and through the cache's links that file is the user's frame."""
     from detector.dataset import build_yolo_dataset, spread
     from lpr4m import annotations as ann
 
     root = tmp_path / "ds"
     shutil.copytree(lpr4m_mini / "annotations", root / "annotations")
-    for sub in ("training_video", "query"):
-        os.symlink(lpr4m_mini / sub, root / sub)
-    clips = list(Dataset(lpr4m_mini).training_clips())
+    shutil.copytree(lpr4m_mini / "training_video", root / "training_video")
+    os.symlink(lpr4m_mini / "query", root / "query")
+    clips = [c for c in Dataset(lpr4m_mini).training_clips() if c.has_boxes]
+    garbage = root / "training_video" / clips[0].video_id / f"{clips[0].frame_ids[0]}.jpg"
+    garbage.write_bytes(b"not a jpeg")
+    truncated = root / "training_video" / clips[1].video_id / f"{clips[1].frame_ids[0]}.jpg"
+    truncated.write_bytes(truncated.read_bytes()[:-300])
     ghost = clips[0]
     vid = ghost.video_id.rsplit("-", 2)[0] + "-1-2"
     clips.append(ann.TrainingClip(vid, [f"{vid}-0000", f"{vid}-0001"], [[[0.1, 0.1, 0.5, 0.5]], []], ghost.image_id))
     ann.write_training_videoinfo(root / "annotations" / "training_videoinfo.txt", clips)
     problems = Problems()
     data = build_yolo_dataset(Dataset(root), tmp_path / "cache", workers=1, problems=problems)
-    assert data.manifest["train"]["missing_frame"] == 2 and problems.counts["missing_frame"] == 2
-    with pytest.raises(BadInput, match=r"-0000\.jpg: missing frame \(2 in the train split\)"):
+    assert data.manifest["train"]["missing_frame"] == 2 and data.manifest["train"]["corrupt_frame"] == 2
+    assert problems.counts == {"missing_frame": 2, "corrupt_frame": 2}
+    listed = data.train_list.read_text()
+    assert garbage.name not in listed and truncated.name not in listed
+    assert data.manifest["train"]["frames"] == sum(len(c.frame_ids) for c in clips) - 4
+    with pytest.raises(BadInput, match=r"-0000\.jpg: missing frame: not found \(2 in the train split\)"):
         build_yolo_dataset(Dataset(root), tmp_path / "cache", workers=1, problems=Problems(strict=True), rebuild=True)
+    (root / "annotations" / "training_videoinfo.txt").unlink()
+    ann.write_training_videoinfo(root / "annotations" / "training_videoinfo.txt", clips[:-1])
+    with pytest.raises(BadInput, match=r"corrupt frame: not a readable image \(UnidentifiedImageError\)"):
+        build_yolo_dataset(Dataset(root), tmp_path / "cache", workers=2, problems=Problems(strict=True))
     assert spread(list(range(10)), 3) == [0, 4, 9] and spread([1, 2], 5) == [1, 2]
 
 
@@ -439,6 +453,13 @@ def test_wrong_or_unsafe_weights_are_refused(trained, tmp_path, capsys):
     # right kind of config, wrong tensors
     shutil.copy(trained.weights.with_suffix(".json"), other.with_suffix(".json"))
     with pytest.raises(BadInput, match="do not fit"):
+        load_detector(other)
+    # a config whose model description would make ultralytics eval() code: refused by its restricted mode, one line
+    shutil.copy(trained.weights, other)
+    config = json.loads(trained.weights.with_suffix(".json").read_text())
+    config["model_yaml"]["activation"] = "__import__('os').system('touch /tmp/lpr-detector-pwned')"
+    other.with_suffix(".json").write_text(json.dumps(config))
+    with pytest.raises(BadInput, match=r"retriever\.json: model_yaml cannot be built \(TypeError: unsupported act"):
         load_detector(other)
     assert run_main(evaluation.main, ["--data", str(trained.data), "--weights", str(evil)]) == 2
     err = capsys.readouterr().err
