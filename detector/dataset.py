@@ -13,8 +13,8 @@ reached through the symlinked ``images/`` tree. The key hashes the dataset root 
 annotation files, so a changed annotation rebuilds and an unchanged one is reused. Rows are streamed and written by
 a process pool in chunks; memory holds one chunk, never the whole list (the test boxes JSON is read whole).
 Missing, empty and corrupt frames (``lpr4m.images.frame_problem``: header and end marker, no decode) are left out
-and counted, so ultralytics' label scan never meets a truncated JPEG, which it would re-encode in place: in the
-user's dataset, through the links.
+and counted, so ultralytics' label scan never meets a JPEG with bytes after its end marker, which it re-encodes in
+place: in the user's dataset, through the links.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ from lpr4m.layout import Dataset
 
 logger = logging.getLogger(__name__)
 
-BUILD_VERSION = 2  # 2: corrupt frames (and JPEGs without an end marker) are left out and counted
+BUILD_VERSION = 2  # 2: corrupt frames (and JPEGs that do not end with an end marker) are left out and counted
 CHUNK = 256  # clips per worker task
 MIN_SIDE = 1e-6  # boxes thinner than this (normalised) carry no signal and break YOLO's xywh
 

@@ -28,8 +28,8 @@ def check_image(path) -> None:
 def frame_problem(path) -> tuple[str, str] | None:
     """``(kind, reason)`` when a frame cannot be trained on, else None: ``missing_frame``, ``empty_frame`` or
     ``corrupt_frame``. Cheap (the header and the last two bytes, no decode: ~0.1 ms), for a pass over millions of
-    frames. It refuses what ultralytics' label scan drops, and also a JPEG without its end marker, which that scan
-    would re-encode in place: through the dataset cache's links, that file is the user's own frame."""
+    frames. It refuses what ultralytics' label scan drops, and also a JPEG that does not end with its end marker,
+    which that scan re-encodes in place when it decodes: through the dataset cache's links, the user's own frame."""
     try:
         with open(path, "rb") as f:
             if f.seek(0, 2) == 0:
@@ -46,7 +46,7 @@ def frame_problem(path) -> tuple[str, str] | None:
     if min(w, h) < 10:
         return "corrupt_frame", f"image is {w}x{h} (expected at least 10x10)"
     if fmt == "JPEG" and tail != b"\xff\xd9":
-        return "corrupt_frame", "JPEG end marker missing (truncated file?)"
+        return "corrupt_frame", "the file does not end with a JPEG end marker (truncated, or bytes after it)"
     return None
 
 

@@ -122,8 +122,8 @@ def test_dataset_labels_links_and_cache(lpr4m_mini, tmp_path):
 
 
 def test_dataset_counts_missing_and_corrupt_frames_and_leaves_them_out(lpr4m_mini, tmp_path):
-    """Missing, garbage and truncated frames are counted and never listed: ultralytics' own scan would re-encode a
-    truncated JPEG in place, and through the cache's links that file is the user's frame."""
+    """Missing, garbage and padded frames are counted and never listed: ultralytics' own scan re-encodes a JPEG
+    with bytes after its end marker in place, and through the cache's links that file is the user's frame."""
     from detector.dataset import build_yolo_dataset, spread
     from lpr4m import annotations as ann
 
@@ -134,8 +134,8 @@ def test_dataset_counts_missing_and_corrupt_frames_and_leaves_them_out(lpr4m_min
     clips = [c for c in Dataset(lpr4m_mini).training_clips() if c.has_boxes]
     garbage = root / "training_video" / clips[0].video_id / f"{clips[0].frame_ids[0]}.jpg"
     garbage.write_bytes(b"not a jpeg")
-    truncated = root / "training_video" / clips[1].video_id / f"{clips[1].frame_ids[0]}.jpg"
-    truncated.write_bytes(truncated.read_bytes()[:-300])
+    padded = root / "training_video" / clips[1].video_id / f"{clips[1].frame_ids[0]}.jpg"
+    padded.write_bytes(padded.read_bytes() + b"\0" * 16)
     ghost = clips[0]
     vid = ghost.video_id.rsplit("-", 2)[0] + "-1-2"
     clips.append(ann.TrainingClip(vid, [f"{vid}-0000", f"{vid}-0001"], [[[0.1, 0.1, 0.5, 0.5]], []], ghost.image_id))
@@ -145,7 +145,7 @@ def test_dataset_counts_missing_and_corrupt_frames_and_leaves_them_out(lpr4m_min
     assert data.manifest["train"]["missing_frame"] == 2 and data.manifest["train"]["corrupt_frame"] == 2
     assert problems.counts == {"missing_frame": 2, "corrupt_frame": 2}
     listed = data.train_list.read_text()
-    assert garbage.name not in listed and truncated.name not in listed
+    assert garbage.name not in listed and padded.name not in listed
     assert data.manifest["train"]["frames"] == sum(len(c.frame_ids) for c in clips) - 4
     with pytest.raises(BadInput, match=r"-0000\.jpg: missing frame: not found \(2 in the train split\)"):
         build_yolo_dataset(Dataset(root), tmp_path / "cache", workers=1, problems=Problems(strict=True), rebuild=True)
