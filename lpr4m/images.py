@@ -27,9 +27,10 @@ def check_image(path) -> None:
 
 def frame_problem(path) -> tuple[str, str] | None:
     """``(kind, reason)`` when a frame cannot be trained on, else None: ``missing_frame``, ``empty_frame`` or
-    ``corrupt_frame``. Cheap (the header and the last two bytes, no decode: 0.16 ms a frame here), for a pass over millions of
-    frames. It refuses what ultralytics' label scan drops, and also a JPEG that does not end with its end marker,
-    which that scan re-encodes in place when it decodes: through the dataset cache's links, the user's own frame."""
+    ``corrupt_frame``. Cheap (the header and the last two bytes, no decode: 0.16 ms a frame here), for a pass over
+    millions of frames. It refuses what ultralytics' label scan drops, and also a JPEG that does not end with its end
+    marker, which that scan re-encodes in place when it decodes: through the dataset cache's links, the user's own
+    frame."""
     try:
         with open(path, "rb") as f:
             if f.seek(0, 2) == 0:
