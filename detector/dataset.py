@@ -18,6 +18,7 @@ place: in the user's dataset, through the links.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -155,22 +156,18 @@ def _run_split(split: str, items: Iterator, out: Path, workers: int, problems: P
     first: dict[str, tuple[str, str]] = {}
     tasks = ((split, str(out), chunk) for chunk in _chunks(items, CHUNK))
     bar = progress(desc=f"labels {split}", unit="frame")
-    with atomic_write(out / f"{split}.txt") as f:
+    with contextlib.ExitStack() as stack:
+        f = stack.enter_context(atomic_write(out / f"{split}.txt"))
         if workers > 1:
-            with get_context("fork" if os.name == "posix" else "spawn").Pool(workers) as pool:
-                results = pool.imap(_write_chunk, tasks)
-                for lines, c, bad in results:
-                    f.writelines(lines)
-                    counts.update(c)
-                    first = {**bad, **first}
-                    bar.update(c.get("frames", 0))
+            pool = stack.enter_context(get_context("fork" if os.name == "posix" else "spawn").Pool(workers))
+            results = pool.imap(_write_chunk, tasks)
         else:
-            for task in tasks:
-                lines, c, bad = _write_chunk(task)
-                f.writelines(lines)
-                counts.update(c)
-                first = {**bad, **first}
-                bar.update(c.get("frames", 0))
+            results = map(_write_chunk, tasks)
+        for lines, c, bad in results:
+            f.writelines(lines)
+            counts.update(c)
+            first = {**bad, **first}
+            bar.update(c.get("frames", 0))
     bar.close()
     for kind in ("missing_frame", "empty_frame", "corrupt_frame", "degenerate_box"):
         if counts.get(kind):

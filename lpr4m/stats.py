@@ -19,6 +19,7 @@ from lpr4m.errors import BadInput, Problems
 from lpr4m.ids import IMAGE_SUFFIXES, parse_frame_id, parse_gallery_name, parse_image_id, parse_live_id, \
     parse_video_id, frame_id_from
 from lpr4m.io import read_json
+from lpr4m.layout import Dataset
 
 logger = logging.getLogger(__name__)
 
@@ -304,10 +305,7 @@ def test_stats(root: Path, problems: Problems, verify: bool = False) -> dict | N
 
 def dataset_stats(root, problems: Problems | None = None, verify: bool = False) -> dict:
     """The whole summary as a dict (what the CLI prints)."""
-    root = Path(root)
-    if not root.is_dir():
-        raise BadInput(root, ("not a folder" if root.exists() else "dataset root not found")
-                       + " (expected an LPR4M folder with annotations/)")
+    root = Dataset(root).root  # its root check: a missing path or a file is refused the same way everywhere
     if not (root / "annotations").is_dir():
         raise BadInput(root, "no annotations/ folder (expected an LPR4M root)")
     problems = problems if problems is not None else Problems()

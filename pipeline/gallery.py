@@ -371,8 +371,10 @@ class GalleryIndex:
         x, kept = embed_items(embedder, root, items, problems, batch_size, show_progress)
         if not kept:
             raise BadInput(root, f"none of the {len(items)} shop images could be read")
-        return cls.from_vectors(x, kept, embedder_info(embedder), root, index_type, nlist=nlist, source=source,
-                                skipped=problems.messages)
+        gi = cls.from_vectors(x, kept, embedder_info(embedder), root, index_type, nlist=nlist, source=source,
+                              skipped=problems.messages)
+        gi.meta["skipped_total"] = problems.total  # the messages stop at Problems.max_messages; the count does not
+        return gi
 
     @classmethod
     def from_vectors(cls, x: np.ndarray, items: Sequence[GalleryItem], embedder: dict, root: Path | None = None,
@@ -418,7 +420,9 @@ class GalleryIndex:
                      for it in items]
             root = self.gallery_root()
         x, kept = embed_items(embedder, Path(root), items, problems, batch_size, show_progress)
-        self.meta["skipped"] = list(self.meta.get("skipped", [])) + problems.messages
+        skipped = list(self.meta.get("skipped", []))
+        self.meta["skipped_total"] = self.meta.get("skipped_total", len(skipped)) + problems.total
+        self.meta["skipped"] = skipped + problems.messages
         if not kept:
             return 0
         return self.add_vectors(x, kept, replace=replace)
@@ -701,8 +705,7 @@ def cached_index(gallery_dir, embedder, index_type: str = "flat", strict: bool =
     problems = Problems(strict=strict)
     gi = GalleryIndex.build(embedder, root, items, index_type, problems, show_progress=show_progress,
                             source={"gallery": str(root), "cache_key": h})
-    gi.meta["skipped_total"] = problems.total
-    report_skipped(problems.messages, problems.total)
+    gi.report_skipped()
     try:
         gi.save(path, relative_root=False)
     except OSError as e:  # a read-only home must not stop recognition

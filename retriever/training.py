@@ -523,13 +523,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             frames, index, images = frames.to(device, non_blocking=True), index.to(device), images.to(device)
             with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
                 out = ddp(frames, index, images, start_stage)
-            if not math.isfinite(float(out["loss"].detach())):  # stop before NaN reaches the saved weights
-                raise diverged(f"loss became {float(out['loss'].detach())}")
+            values = {k: float(v.detach()) for k, v in out.items()}  # one device sync per step, for all of them
+            if not math.isfinite(values["loss"]):  # stop before NaN reaches the saved weights
+                raise diverged(f"loss became {values['loss']}")
             scaler.scale(out["loss"] / cfg["accum"]).backward()
             batches_done += 1
             seen += len(images)
-            for k, v in out.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            for k, v in values.items():
+                sums[k] = sums.get(k, 0.0) + v
             count += 1
             if batches_done % cfg["accum"] == 0:
                 eff = step
@@ -548,7 +549,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if step % cfg["log_every"] == 0 and is_primary():
                     dt = time.perf_counter() - t_log
                     logger.info("Train: %d [%d/%d] loss %.4f (%.4f) acc %.3f lr %.2e T %.4f %.1f clips/s", epoch,
-                                batches_done, len(sampler), float(out["loss"].detach()), sums["loss"] / count,
+                                batches_done, len(sampler), values["loss"], sums["loss"] / count,
                                 sums["acc"] / count, optimizer.param_groups[0]["lr"], tm.loss.temperature,
                                 seen * world / max(dt, 1e-9))
                     t_log, seen = time.perf_counter(), 0
