@@ -155,7 +155,8 @@ def export_engine(weights, output=None, imgsz: int | None = None, max_batch: int
     from detector import yolo
     weights = Path(weights)
     output = Path(output) if output else weights.with_suffix(".engine")
-    torch.cuda.set_device(torch.device(torch_device(device)))
+    gpu = torch.device(torch_device(device))
+    torch.cuda.set_device(0 if gpu.index is None else gpu.index)  # torch 2.11 refuses a bare "cuda" here
     with tempfile.TemporaryDirectory() as tmpdir:
         onnx_info = export_onnx(weights, Path(tmpdir) / "model.onnx", imgsz, trust_pickle=trust_pickle)
         imgsz = onnx_info["imgsz"]

@@ -72,6 +72,8 @@ def init_distributed(device_arg: str) -> tuple[int, int, torch.device]:
         name = torch_device(f"cuda:{local}")
     device = torch.device(name)
     if device.type == "cuda":
+        if device.index is None:  # plain "cuda": torch 2.11's set_device wants an index (seen on an H200)
+            device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")

@@ -173,6 +173,21 @@ def test_onnx_export_parity(trained, tmp_path, capsys, ort_ops):
 
 
 @pytest.mark.gpu
+def test_cuda_training_with_amp(lpr4m_mini, tmp_path):
+    """The gpu preset's path: plain ``--device cuda`` and autocast through the attention pool (both broke on an
+    H200 before: torch 2.11's set_device refused "cuda", index_add refused half scores with float32 weights)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs an NVIDIA GPU (CUDA not available)")
+    out = tmp_path / "r.json"
+    assert run_main(train_main, ["--data", str(lpr4m_mini), "--preset", "gpu", *TINY, "--epochs", "1", "--amp",
+                                 "--device", "cuda", "--no-pretrained", "--runs-dir", str(tmp_path),
+                                 "--out", str(out)]) == 0
+    emb = load_embedder(json.loads(out.read_text())["weights"], device="cuda")
+    img = np.random.default_rng(0).integers(0, 255, (50, 80, 3), dtype=np.uint8)
+    assert np.isfinite(emb.embed([img])).all()
+
+
+@pytest.mark.gpu
 def test_tensorrt_engine(trained, tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("needs an NVIDIA GPU (CUDA not available)")

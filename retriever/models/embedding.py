@@ -76,11 +76,13 @@ class QualityPool(nn.Module):
 
     def forward(self, emb: torch.Tensor, index: torch.Tensor, n_sets: int) -> torch.Tensor:
         """Pool ``emb`` (M, D) into ``n_sets`` vectors; ``index[m]`` says which set row m belongs to."""
-        s = self.scores(emb)
-        s_max = torch.full((n_sets,), -torch.inf, device=s.device, dtype=s.dtype).scatter_reduce(
+        # The softmax runs in float32: under CUDA autocast the scores are half but exp() returns float32
+        # (index_add then refused the mix on an H200).
+        s = self.scores(emb).float()
+        s_max = torch.full((n_sets,), -torch.inf, device=s.device).scatter_reduce(
             0, index, s, reduce="amax", include_self=True)
         w = torch.exp(s - s_max[index])
-        den = torch.zeros(n_sets, device=s.device, dtype=s.dtype).index_add(0, index, w)
+        den = torch.zeros(n_sets, device=s.device).index_add(0, index, w)
         out = torch.zeros(n_sets, emb.shape[1], device=emb.device, dtype=emb.dtype)
         out = out.index_add(0, index, emb * (w / den[index]).unsqueeze(1).to(emb.dtype))
         return F.normalize(out, dim=-1)
