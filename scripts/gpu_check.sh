@@ -65,6 +65,12 @@ if [ "$("$PY" -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; the
     step det_train_ddp 0 "$PY" detector/train.py --data "$DATA" --preset gpu --model yolo11-lite0.yaml --epochs 2 \
         --batch 32 --device 0,1 --runs-dir "$OUT/runs/detector-ddp" --name ddp
 fi
+# our ImageNet-pretrained EfficientNet-Lite0 trunk (the bundled detector's model) under autocast on one GPU
+step det_train_lite0 0 "$PY" detector/train.py --data "$DATA" --preset gpu --model yolo11-lite0.yaml \
+    --epochs "${DET_LITE0_EPOCHS:-5}" --batch 32 --runs-dir "$OUT/runs/detector-lite0" --name lite0
+LITE0=$(ls -t "$OUT"/runs/detector-lite0/*/weights/detector.safetensors 2>/dev/null | head -n 1)
+step det_eval_lite0 0 "$PY" detector/evaluate.py --data "$DATA" --weights "${LITE0:-weights/detector.safetensors}" \
+    --device 0
 step det_eval_gpu 0 "$PY" detector/evaluate.py --data "$DATA" --weights "$DET" --device 0
 step det_eval_cpu 0 "$PY" detector/evaluate.py --data "$DATA" --weights "$DET" --device cpu
 step det_onnx 0 "$PY" detector/export.py --weights "$DET" --format onnx
