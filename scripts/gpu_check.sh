@@ -56,7 +56,8 @@ for name in ("tensorrt", "faiss"):
     print(name, "present" if importlib.util.find_spec(name) else "missing")
 EOF
 
-# Detector: GPU training (gpu preset, shortened), evaluation on GPU and CPU, speed, TensorRT export.
+# Detector: GPU training (gpu preset, shortened; our Lite0 trunk too), evaluation on the GPU, the CPU and ONNX
+# Runtime, an interrupted run resumed, speed, TensorRT export.
 step det_train 0 "$PY" detector/train.py --data "$DATA" --preset gpu --epochs "${DET_EPOCHS:-30}" --batch 32 \
     --runs-dir "$OUT/runs/detector" --name gpu
 DET=$(ls -t "$OUT"/runs/detector/*/weights/detector.safetensors 2>/dev/null | head -n 1)
