@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wall-time budget: ultralytics fits the epochs into it (overrides --epochs); the cpu "
                         "preset uses 0.22 h")
     m.add_argument("--seed", type=nonnegative_int, default=0)
+    m.add_argument("--no-amp", action="store_true",
+                   help="train a GPU run in float32: offline, ultralytics skips its AMP self-check and keeps AMP on "
+                        "(NaN losses or zero mAP on the few GPUs where half precision misbehaves)")
     o = p.add_argument_group("output")
     o.add_argument("--name", default="yolo", help="run name suffix (folder: <runs-dir>/<timestamp>-<name>)")
     o.add_argument("--runs-dir", default="runs/detector")
@@ -243,6 +246,15 @@ def _final_metrics(run_dir: Path) -> dict:
     return out
 
 
+def ultralytics_overrides(knobs: dict, seed: int, amp: bool = True, freeze: list | None = None) -> dict:
+    """The resolved knobs as ultralytics' train() arguments; mixed precision only on a GPU and unless refused."""
+    return dict(epochs=knobs["epochs"], imgsz=knobs["imgsz"], batch=knobs["batch"], device=knobs["device"],
+                workers=knobs["workers"], patience=knobs["patience"], close_mosaic=knobs["close_mosaic"],
+                cache=knobs["cache"], warmup_epochs=knobs["warmup_epochs"], seed=seed, time=knobs["hours"],
+                val=knobs["val"], amp=amp and knobs["device"] != "cpu", deterministic=False, plots=False,
+                freeze=freeze or None, **knobs["hyp"])
+
+
 def train(args: argparse.Namespace, callbacks: dict | None = None) -> dict:
     """The work behind ``main``; ``callbacks`` (ultralytics events -> fns) let tests interrupt a run."""
     from detector import yolo
@@ -283,12 +295,7 @@ def train(args: argparse.Namespace, callbacks: dict | None = None) -> dict:
         except BadInput:
             shutil.rmtree(run_dir, ignore_errors=True)  # refused before training: leave no empty run folder
             raise
-        cpu = knobs["device"] == "cpu"
-        overrides = dict(epochs=knobs["epochs"], imgsz=knobs["imgsz"], batch=knobs["batch"], device=knobs["device"],
-                         workers=knobs["workers"], patience=knobs["patience"], close_mosaic=knobs["close_mosaic"],
-                         cache=knobs["cache"], warmup_epochs=knobs["warmup_epochs"], seed=args.seed,
-                         time=knobs["hours"], val=knobs["val"], amp=not cpu, deterministic=False, plots=False,
-                         freeze=yolo.frozen_layers(desc) or None, **knobs["hyp"])
+        overrides = ultralytics_overrides(knobs, args.seed, amp=not args.no_amp, freeze=yolo.frozen_layers(desc))
         data_info = {"root": str(ds.root.resolve()), "cache": str(data.root), "train": data.manifest["train"],
                      "val": data.manifest["val"], "problems": data.manifest["problems"]}
         record = {"knobs": knobs, "start_weights": start, "preset": args.preset, "ultralytics_overrides": overrides,

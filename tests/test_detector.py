@@ -214,6 +214,17 @@ def test_new_run_never_overwrites(trained):
     assert a != b and a.is_dir() and b.is_dir()
 
 
+def test_mixed_precision_only_on_a_gpu_and_unless_refused():
+    from detector import training
+    parse = training.build_parser().parse_args
+    gpu = training.resolve_knobs(parse(["--preset", "gpu"]))
+    assert training.ultralytics_overrides(gpu, 0)["amp"] is True
+    no_amp = parse(["--preset", "gpu", "--no-amp"])
+    assert training.ultralytics_overrides(training.resolve_knobs(no_amp), 0, amp=not no_amp.no_amp)["amp"] is False
+    cpu = training.ultralytics_overrides(training.resolve_knobs(parse(["--preset", "cpu", "--batch", "6"])), 3)
+    assert cpu["amp"] is False and cpu["nbs"] == 6 and cpu["seed"] == 3 and cpu["freeze"] is None
+
+
 def test_resume_of_finished_run_is_refused(trained, capsys):
     from detector import training
     assert run_main(training.main, ["--resume", str(trained.run_dir), "--runs-dir", str(trained.runs)]) == 2
