@@ -68,12 +68,11 @@ def init_distributed(device_arg: str) -> tuple[int, int, torch.device]:
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     name = torch_device(device_arg)
-    if name.startswith("cuda") and world > 1:
+    # each rank its own GPU; a plain "cuda" too, as torch 2.11's set_device wants an index (seen on an H200)
+    if name.startswith("cuda") and (world > 1 or name == "cuda"):
         name = torch_device(f"cuda:{local}")
     device = torch.device(name)
     if device.type == "cuda":
-        if device.index is None:  # plain "cuda": torch 2.11's set_device wants an index (seen on an H200)
-            device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
