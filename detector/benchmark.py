@@ -16,16 +16,19 @@ from typing import Sequence
 
 import numpy as np
 
-from lpr4m.cli import device_arg, emit_json, image_size, nonnegative_int, output_file, positive_int, setup_logging
+from lpr4m.cli import (Parser, device_arg, emit_json, image_size, nonnegative_int, output_file, positive_int,
+                       setup_logging)
+from lpr4m.errors import BadInput
 
 logger = logging.getLogger(__name__)
 
+BUNDLED = "weights/detector.safetensors"
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python detector/bench.py", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--weights", default="weights/detector.safetensors",
-                   help="our .safetensors; when missing, an untrained --model-yaml network is timed instead")
+    p = Parser(prog="python detector/bench.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--weights", help=f"our .safetensors (default: {BUNDLED}; without it, an untrained "
+                                     "--model-yaml network is timed instead)")
     p.add_argument("--model-yaml", default="yolo11n.yaml")
     p.add_argument("--imgsz", type=image_size, nargs="+", default=[320, 640])
     p.add_argument("--batch", type=positive_int, nargs="+", default=[1, 8])
@@ -86,8 +89,10 @@ def run(args) -> dict:
     torch.set_num_threads(args.threads)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        weights = Path(args.weights)
+        weights = Path(args.weights or BUNDLED)
         note = str(weights)
+        if args.weights and not weights.is_file():
+            raise BadInput(weights, "weights file not found")
         if not weights.is_file():
             logger.warning("%s not found; timing an untrained %s", weights, args.model_yaml)
             weights = _untrained_weights(args.model_yaml, Path(tmp), max(args.imgsz))
@@ -96,7 +101,8 @@ def run(args) -> dict:
             pt = load_detector(weights, imgsz=imgsz, conf=0.25, device=args.device)
             onnx_path = Path(tmp) / f"d{imgsz}.onnx"
             export_onnx(weights, onnx_path, imgsz=imgsz)
-            ort_backend = OnnxBackend(onnx_path, args.device, threads=args.threads)
+            # on a GPU machine whose ONNX Runtime is the CPU build: PyTorch on the GPU beside ORT on the CPU
+            ort_backend = OnnxBackend(onnx_path, args.device, threads=args.threads, cpu_fallback=True)
             providers = ort_backend.providers
             ort = Detector(ort_backend, pt.config, conf=0.25, imgsz=imgsz)
             for bs in args.batch:

@@ -24,6 +24,7 @@ class DetectorConfig:
     imgsz: int = 640  # square letterbox input (pad value 114, RGB, /255)
     stride: int = 32
     weights_format: str = "safetensors"  # safetensors | onnx | engine
+    precision: str = "fp32"  # of the exported graph: fp32 | fp16 | int8 (Q/DQ)
     sha256: str = ""  # of the weights file this config describes
     conf: float = 0.25  # default score threshold for detect()
     iou: float = 0.7  # NMS IoU threshold

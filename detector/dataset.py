@@ -175,6 +175,8 @@ def _run_split(split: str, items: Iterator, out: Path, workers: int, problems: P
             problems.counts[kind] += counts[kind]
             problems.messages.append(f"{split}: {counts[kind]} {kind.replace('_', ' ')}(s) skipped, first {frame}: "
                                      f"{reason}")
+            # ultralytics never sees these frames, so its own "0 corrupt" count does not include them
+            logger.warning("%s", problems.messages[-1])
             if problems.strict:
                 raise BadInput(frame, f"{kind.replace('_', ' ')}: {reason} ({counts[kind]} in the {split} split)")
     return dict(counts)
@@ -194,6 +196,8 @@ def build_yolo_dataset(ds: Dataset, cache_dir=None, workers: int | None = None, 
         logger.info("reusing YOLO dataset cache %s (%d train / %d val frames)", out,
                     manifest["train"].get("frames", 0), manifest["val"].get("frames", 0))
         manifest["reused"] = True
+        for message in manifest.get("problems", {}).get("messages", []):
+            logger.warning("(cached build) %s", message)
         return YoloData(out, out / "data.yaml", manifest)
     if out.exists():  # an interrupted or forced build: start clean
         shutil.rmtree(out)

@@ -25,7 +25,7 @@ from typing import Sequence
 
 from PIL import Image
 
-from lpr4m.cli import emit_json, output_file, positive_int, setup_logging
+from lpr4m.cli import Parser, emit_json, output_file, positive_int, setup_logging
 from lpr4m.errors import BadInput
 
 logger = logging.getLogger(__name__)
@@ -35,8 +35,7 @@ TEST_RATIO = LPR4M_TEST_FRAMES / LPR4M_TRAIN_FRAMES
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python detector/bench_dataset.py", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(prog="python detector/bench_dataset.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--clips", type=positive_int, nargs="+", default=[2000, 8000, 32000], help="training clips per size")
     p.add_argument("--frames-per-clip", type=positive_int, default=10)
     p.add_argument("--workers", type=positive_int, default=2,

@@ -19,7 +19,8 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from detector.metrics import coco_box_map, coco_detections, coco_ground_truth
-from lpr4m.cli import device_arg, emit_json, fraction, image_size, output_file, positive_int, progress, setup_logging
+from lpr4m.cli import (Parser, device_arg, emit_json, fraction, image_size, output_file, positive_int, progress,
+                       setup_logging)
 from lpr4m.errors import BadInput, Problems
 from lpr4m.ids import parse_frame_id
 from lpr4m.images import load_rgb
@@ -30,8 +31,7 @@ logger = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python detector/evaluate.py", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(prog="python detector/evaluate.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="LPR4M dataset root with test_frameid2gtbox and query/ frames")
     p.add_argument("--weights", default="weights/detector.safetensors", help=".safetensors/.pt, .onnx or .engine")
     p.add_argument("--device", type=device_arg, default="cpu")
@@ -136,7 +136,10 @@ def evaluate(ds: Dataset, detector, limit: int | None = None, batch: int = 8, pr
         for image_id, video_id in video_of.items():
             if video_id in types:
                 groups[types[video_id]].append(image_id)
-        result["by_scale_type"] = {t: coco_box_map(gt, dets, ids) for t, ids in sorted(groups.items())}
+        # LPR4M's product-scale types, not COCO's box-area bins (whose ap_small/... would read as the same thing)
+        keep = ("ap", "ap50", "ap75", "ar100", "images")
+        result["by_scale_type"] = {t: {k: v for k, v in coco_box_map(gt, dets, ids).items() if k in keep}
+                                   for t, ids in sorted(groups.items())}
     result.update(frames=n_frames, frames_listed=len(items), detections=len(dets),
                   ms_per_frame_detect=round(1000 * t_detect / max(n_frames, 1), 2), problems=problems.as_dict())
     if save_json:

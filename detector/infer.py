@@ -11,6 +11,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from textwrap import shorten
 from typing import Sequence
 
 import numpy as np
@@ -185,23 +186,28 @@ class TorchBackend:
         return y.float().cpu().numpy()
 
 
-def onnx_providers(device: str = "cpu") -> list[str]:
-    """TensorRT / CUDA execution providers when ONNX Runtime has them and a GPU is asked for, else the CPU."""
+def onnx_providers(device: str = "cpu", cpu_fallback: bool = False) -> list[str]:
+    """TensorRT / CUDA execution providers when a GPU is asked for, then the CPU's. A GPU this ONNX Runtime cannot
+    use is refused in one line (as the torch path refuses a missing GPU), unless ``cpu_fallback`` or ``auto``."""
     import onnxruntime as ort
     available = ort.get_available_providers()
     chosen = []
     if str(device).lower() != "cpu":
         chosen = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available]
         if not chosen and str(device).lower() != "auto":
-            logger.warning("--device %s: this ONNX Runtime has no CUDA/TensorRT provider (pip install "
-                           "onnxruntime-gpu); running on the CPU", device)
+            why = (f"--device {device}: this ONNX Runtime has no CUDA/TensorRT provider (has {', '.join(available)});"
+                   " use --device cpu, or pip install onnxruntime-gpu")
+            if not cpu_fallback:
+                raise BadInput(None, why)
+            logger.warning("%s; ONNX Runtime runs on the CPU", why)
     return chosen + ["CPUExecutionProvider"]
 
 
 class OnnxBackend:
     name = "onnxruntime"
 
-    def __init__(self, path: Path, device: str = "cpu", threads: int | None = None, spin_wait: bool = True):
+    def __init__(self, path: Path, device: str = "cpu", threads: int | None = None, spin_wait: bool = True,
+                 cpu_fallback: bool = False):
         import onnxruntime as ort
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -212,9 +218,10 @@ class OnnxBackend:
         if threads:
             opts.intra_op_num_threads = threads
         try:
-            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=onnx_providers(device))
+            self.session = ort.InferenceSession(str(path), sess_options=opts,
+                                                providers=onnx_providers(device, cpu_fallback))
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
-            raise BadInput(path, f"not a loadable ONNX model ({type(e).__name__}: {str(e)[:100]})") from None
+            raise BadInput(path, f"not a loadable ONNX model ({type(e).__name__}: {shorten(str(e), 160)})") from None
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         self.fixed_imgsz = inp.shape[2] if isinstance(inp.shape[2], int) else None
@@ -223,53 +230,6 @@ class OnnxBackend:
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: batch})[0]
-
-
-class TensorRTBackend:
-    """A serialized TensorRT engine (built by ``detector/export.py --format engine`` on the target GPU)."""
-
-    name = "tensorrt"
-
-    def __init__(self, path: Path, device: str = "0"):
-        try:
-            import tensorrt as trt
-            import torch
-        except ImportError:
-            raise BadInput(path, "TensorRT engines need the tensorrt package and an NVIDIA GPU "
-                                 "(pip install .[gpu]); use the .onnx or .safetensors weights here") from None
-        if not torch.cuda.is_available():
-            raise BadInput(path, "TensorRT engines need an NVIDIA GPU (CUDA is not available here)")
-        self.torch = torch
-        self.device = torch.device(torch_device(device if str(device) != "cpu" else "0"))
-        trt_logger = trt.Logger(trt.Logger.WARNING)
-        with open(path, "rb") as f, trt.Runtime(trt_logger) as runtime:
-            self.engine = runtime.deserialize_cuda_engine(f.read())
-        if self.engine is None:
-            raise BadInput(path, "could not deserialize the TensorRT engine (built for another GPU/TensorRT version?)")
-        self.context = self.engine.create_execution_context()
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self.input_name = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
-        self.output_name = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
-        shape = self.engine.get_tensor_shape(self.input_name)
-        self.fixed_imgsz = int(shape[2]) if shape[2] > 0 else None
-        profile_max = self.engine.get_tensor_profile_shape(self.input_name, 0)[2] if shape[0] < 0 else shape
-        self.max_batch = int(profile_max[0])
-        self.stream = torch.cuda.Stream(device=self.device)
-
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        torch = self.torch
-        x = torch.from_numpy(batch).to(self.device)
-        self.context.set_input_shape(self.input_name, tuple(x.shape))
-        out_shape = tuple(self.context.get_tensor_shape(self.output_name))
-        y = torch.empty(out_shape, dtype=torch.float32, device=self.device)
-        dtype = self.engine.get_tensor_dtype(self.input_name)
-        if "HALF" in str(dtype):
-            x = x.half()
-        self.context.set_tensor_address(self.input_name, x.data_ptr())
-        self.context.set_tensor_address(self.output_name, y.data_ptr())
-        self.context.execute_async_v3(self.stream.cuda_stream)
-        self.stream.synchronize()
-        return y.float().cpu().numpy()
 
 
 # -- loading --------------------------------------------------------------------------------------------------
@@ -347,7 +307,8 @@ def load_detector(weights, device: str = "cpu", conf: float = 0.25, imgsz: int |
         if not cfg_path.is_file():
             raise BadInput(weights, f"missing its config {cfg_path.name} (export writes it beside the engine)")
         cfg = DetectorConfig.load(cfg_path)
-        backend = TensorRTBackend(weights, device)
+        from lpr4m.tensorrt_engine import EngineRunner
+        backend = EngineRunner(weights, device)
     else:
         raise BadInput(weights, "unknown detector weights type (expected .safetensors, .pt, .onnx or .engine)")
     return Detector(backend, cfg, conf=conf, imgsz=imgsz, batch_size=batch_size)

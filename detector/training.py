@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from lpr4m.cli import (device_arg, emit_json, image_size, nonnegative_float, nonnegative_int, output_file,
-                       positive_float, positive_int, setup_logging, torch_device)
+from lpr4m.cli import (Parser, device_arg, emit_json, image_size, nonnegative_float, nonnegative_int, output_file,
+                       positive_float, positive_int, run_name, setup_logging, torch_device)
 from lpr4m.errors import BadInput, Problems
 from lpr4m.io import read_json, write_json
 from lpr4m.layout import Dataset
@@ -46,8 +46,7 @@ def _batch_size(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python detector/train.py", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(prog="python detector/train.py", description=__doc__.split("\n\n")[0])
     d = p.add_argument_group("data")
     d.add_argument("--data", help="LPR4M dataset root (boxed training clips + test_frameid2gtbox for validation)")
     d.add_argument("--cache-dir", help="where the YOLO dataset view is cached (default $LPR_CACHE_DIR or "
@@ -62,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    ".safetensors, or an ultralytics .pt to fine-tune")
     m.add_argument("--trust-pickle", action="store_true",
                    help="allow unpickling a --model .pt that the restricted loader refuses (runs code in the file!)")
-    m.add_argument("--epochs", type=positive_int)
+    m.add_argument("--epochs", type=positive_int,
+                   help="train exactly N epochs: drops the preset's time budget unless --hours is given too")
     m.add_argument("--imgsz", type=image_size)
     m.add_argument("--batch", type=_batch_size, help="images per batch; -1: ultralytics' AutoBatch (GPU)")
     m.add_argument("--device", type=device_arg, help="cpu, 0, or 0,1,2,3 for multi-GPU (ultralytics DDP)")
@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train a GPU run in float32: offline, ultralytics skips its AMP self-check and keeps AMP on "
                         "(NaN losses or zero mAP on the few GPUs where half precision misbehaves)")
     o = p.add_argument_group("output")
-    o.add_argument("--name", default="yolo", help="run name suffix (folder: <runs-dir>/<timestamp>-<name>)")
+    o.add_argument("--name", type=run_name, default="yolo", help="run name suffix (folder: <runs-dir>/<timestamp>-<name>)")
     o.add_argument("--runs-dir", default="runs/detector")
     o.add_argument("--resume", nargs="?", const="latest", metavar="RUN_DIR",
                    help="continue an interrupted run (default: the latest run in --runs-dir)")
@@ -92,6 +92,8 @@ def resolve_knobs(args: argparse.Namespace) -> dict:
         v = getattr(args, k, None)
         if v is not None:
             knobs[k] = v
+    if getattr(args, "epochs", None) is not None and getattr(args, "hours", None) is None:
+        knobs["hours"] = None  # ultralytics' time budget would override the epochs the user asked for
     knobs["device"] = str(knobs["device"])
     knobs["hyp"] = dict(HYP.get(args.preset, {}))
     if knobs["hyp"].get("nbs") == "batch":  # one optimizer step per batch, whatever --batch says

@@ -17,6 +17,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from textwrap import shorten
 from typing import Any, Callable
 
 from lpr4m.errors import BadInput
@@ -298,7 +299,7 @@ def load_ultralytics_checkpoint(path, trust_pickle: bool = False):
             with _unsafe_loading(tasks):
                 model, _ = load_checkpoint(str(path))
         except Exception as e:  # noqa: BLE001
-            raise BadInput(path, f"not an ultralytics checkpoint ({type(e).__name__}: {str(e)[:120]})") from None
+            raise BadInput(path, f"not an ultralytics checkpoint ({type(e).__name__}: {shorten(str(e), 160)})") from None
     from ultralytics.nn.tasks import DetectionModel
     if not isinstance(model, DetectionModel) or type(model).__name__ != "DetectionModel":
         raise BadInput(path, f"expected an ultralytics detection checkpoint, got a {type(model).__name__}")

@@ -1,6 +1,7 @@
 """What every command shares: offline environment, logging, and "bad input -> one line, exit 2"."""
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -11,6 +12,25 @@ from typing import Any, Callable, Sequence
 from lpr4m.errors import BadInput
 
 EXIT_BAD_INPUT = 2
+
+
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except a None one (whose help says what happens without it)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (``error: what was wrong (see PROG --help)``) instead of its usage block,
+    and every option's default in ``--help``."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", DefaultsFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"error: {message} (see {self.prog} --help)\n")
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -143,6 +163,15 @@ def torch_device(text: str, several: bool = False) -> str:
     if max(ids) >= torch.cuda.device_count():
         raise BadInput(None, f"--device {asked}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
     return text
+
+
+def run_name(text: str) -> str:
+    """A run folder's name suffix: a plain name, refused before any work (not after the dataset step)."""
+    from lpr4m.ids import check_safe_name
+    try:
+        return check_safe_name(text, "run name")
+    except BadInput as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def output_file(text: str) -> str:

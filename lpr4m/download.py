@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Iterator, NamedTuple
 from urllib.parse import urlsplit
 
-from lpr4m.cli import emit_json, nonnegative_int, output_file, positive_float, positive_int, progress, setup_logging
+from lpr4m.cli import (Parser, emit_json, nonnegative_int, output_file, positive_float, positive_int, progress,
+                       setup_logging)
 from lpr4m.errors import BadInput, Problems
 from lpr4m.ids import target_from_url
 from lpr4m.io import atomic_write
@@ -173,8 +174,7 @@ def summarize_stats(stats: dict[int, dict]) -> dict:
 
 
 def build_download_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m lpr4m download", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(prog="python -m lpr4m download", description=__doc__.split("\n\n")[0])
     p.add_argument("url_list", help="text file, one http(s) URL per line (LPR4M's *_url.txt lists)")
     p.add_argument("out", help="img2dataset output folder (shards); re-running resumes unfinished shards")
     p.add_argument("--processes", type=positive_int, default=max(1, min(16, os.cpu_count() or 1)))
@@ -471,8 +471,8 @@ def regroup(shards, root, mode: str = "link", strict: bool = False) -> dict:
 
 
 def build_regroup_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m lpr4m regroup",
-                                description="place img2dataset 'files' shards into the LPR4M layout by URL id")
+    p = Parser(prog="python -m lpr4m regroup",
+               description="place img2dataset 'files' shards into the LPR4M layout by URL id")
     p.add_argument("shards", help="img2dataset output folder (00000/ 00000.parquet ...)")
     p.add_argument("root", help="LPR4M root to fill (training_video/, query/, gallery/, training_image/)")
     g = p.add_mutually_exclusive_group()

@@ -22,7 +22,10 @@ _UMASK = _read_umask()  # read once: os.umask() briefly changes process state, n
 
 def _make_temp(path: Path, suffix: str) -> tuple[int, str]:
     """mkstemp gives 0600; give the final file the mode a plain open() would (0666 minus the umask)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    except OSError as err:  # the user's path in the one-line error, not our temp name beside it
+        raise OSError(err.errno, err.strerror, str(path)) from None
     os.chmod(tmp, 0o666 & ~_UMASK)
     return fd, tmp
 

@@ -8,7 +8,6 @@ video (slow; finds corrupt files, not just missing or empty ones).
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import time
@@ -319,8 +318,8 @@ def dataset_stats(root, problems: Problems | None = None, verify: bool = False) 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from lpr4m.cli import emit_json, nonnegative_int, output_file, setup_logging
-    ap = argparse.ArgumentParser(prog="python -m lpr4m stats", description=__doc__.split("\n")[0])
+    from lpr4m.cli import Parser, emit_json, nonnegative_int, output_file, setup_logging
+    ap = Parser(prog="python -m lpr4m stats", description=__doc__.split("\n\n")[0])
     ap.add_argument("root", help="LPR4M dataset root (with annotations/)")
     ap.add_argument("--strict", action="store_true", help="stop at the first problem (exit 2)")
     ap.add_argument("--verify", action="store_true", help="also decode every image and probe every video (slow)")

@@ -45,7 +45,7 @@ from PIL import Image
 
 from lpr4m import render as R
 from lpr4m.annotations import TrainingClip, write_id_map, write_id_text, write_training_videoinfo
-from lpr4m.cli import emit_json, nonnegative_int, output_file, positive_float, progress, setup_logging
+from lpr4m.cli import Parser, emit_json, nonnegative_int, output_file, positive_float, progress, setup_logging
 from lpr4m.errors import BadInput, Problems
 from lpr4m.ids import IMAGE_SUFFIXES
 from lpr4m.io import write_json
@@ -586,11 +586,11 @@ def _range(text: str) -> tuple[int, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m lpr4m synth", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="presets: " + "; ".join(
-                                     f"{k}: {c.train_lives}+{c.test_lives} lives, {c.frame_size[0]}x{c.frame_size[1]}"
-                                     for k, c in PRESETS.items()))
+    ap = Parser(prog="python -m lpr4m synth", description=__doc__.split("\n\n")[0],
+                formatter_class=argparse.RawDescriptionHelpFormatter,
+                epilog="presets: " + "; ".join(
+                    f"{k}: {c.train_lives}+{c.test_lives} lives, {c.frame_size[0]}x{c.frame_size[1]}"
+                    for k, c in PRESETS.items()))
     ap.add_argument("out", help="new (or empty) folder for the dataset")
     ap.add_argument("--seed", type=nonnegative_int, default=0)
     ap.add_argument("--preset", default="test", choices=sorted(PRESETS))

@@ -30,8 +30,8 @@ from typing import Sequence  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from lpr4m.cli import (emit_json, nonnegative_float, output_file, positive_float, positive_int, run_main,  # noqa: E402
-                       setup_logging)
+from lpr4m.cli import (Parser, emit_json, nonnegative_float, output_file, positive_float, positive_int,  # noqa: E402
+                       run_main, setup_logging)
 from lpr4m.errors import BadInput  # noqa: E402
 
 logger = logging.getLogger("pipeline.bench")
@@ -213,9 +213,8 @@ def grocery_root(arg: str | None) -> Path | None:
 
 def build_parser() -> argparse.ArgumentParser:
     from pipeline.backends import BACKENDS
-    p = argparse.ArgumentParser(
-        prog="python pipeline/bench.py", description=__doc__.split("\n")[0].split(":", 1)[-1].strip(),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(
+        prog="python pipeline/bench.py", description=__doc__.split("\n\n")[0].split(":", 1)[-1].strip())
     p.add_argument("--clip", help="bench clip (default: a generated 60 s 1280x720 H.264 clip)")
     p.add_argument("--seconds", type=positive_float, default=60.0, help="length of the generated clip")
     p.add_argument("--fps", type=positive_float, default=1.0)

@@ -16,7 +16,7 @@ import argparse  # noqa: E402
 import logging  # noqa: E402
 from typing import Sequence  # noqa: E402
 
-from lpr4m.cli import (device_arg, emit_json, fraction, output_file, parse_ks, positive_float,  # noqa: E402
+from lpr4m.cli import (Parser, device_arg, emit_json, fraction, output_file, parse_ks, positive_float,  # noqa: E402
                        positive_int, run_main, setup_logging)
 from lpr4m.errors import BadInput, Problems  # noqa: E402
 
@@ -25,9 +25,8 @@ logger = logging.getLogger("pipeline.evaluate")
 
 def build_parser() -> argparse.ArgumentParser:
     from pipeline.backends import BACKENDS
-    p = argparse.ArgumentParser(
-        prog="python pipeline/evaluate.py", description=__doc__.split("\n")[0].split(":", 1)[-1].strip(),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(
+        prog="python pipeline/evaluate.py", description=__doc__.split("\n\n")[0].split(":", 1)[-1].strip())
     p.add_argument("--data", required=True, help="LPR4M root with a test split")
     p.add_argument("--weights", help="embedder weights (default weights/retriever.<backend suffix>)")
     p.add_argument("--detector-weights", help="detector weights (default weights/detector.<backend suffix>)")

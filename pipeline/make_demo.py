@@ -26,7 +26,7 @@ import shutil  # noqa: E402
 import tempfile  # noqa: E402
 from typing import Sequence  # noqa: E402
 
-from lpr4m.cli import emit_json, nonnegative_int, positive_int, run_main, setup_logging  # noqa: E402
+from lpr4m.cli import Parser, emit_json, nonnegative_int, positive_int, run_main, setup_logging  # noqa: E402
 from lpr4m.errors import BadInput  # noqa: E402
 
 logger = logging.getLogger("pipeline.make_demo")
@@ -208,9 +208,8 @@ def write_demo(ds, out: Path, n_clips: int = 3, recognition: Recognition | None 
 
 def build_parser() -> argparse.ArgumentParser:
     from pipeline.backends import DEMO_DIR
-    p = argparse.ArgumentParser(
-        prog="python pipeline/make_demo.py", description=__doc__.split("\n")[0].split(":", 1)[-1].strip(),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(
+        prog="python pipeline/make_demo.py", description=__doc__.split("\n\n")[0].split(":", 1)[-1].strip())
     p.add_argument("--data", help="a synthesized LPR4M root (default: synthesize --preset demo into a temp folder)")
     p.add_argument("--preset", default="demo")
     p.add_argument("--seed", type=nonnegative_int, default=1)

@@ -16,7 +16,7 @@ import argparse  # noqa: E402
 import logging  # noqa: E402
 from typing import Sequence  # noqa: E402
 
-from lpr4m.cli import (device_arg, fraction, nonnegative_int, positive_float, positive_int,  # noqa: E402
+from lpr4m.cli import (Parser, device_arg, fraction, nonnegative_int, positive_float, positive_int,  # noqa: E402
                        run_main, setup_logging)
 from lpr4m.errors import BadInput  # noqa: E402
 
@@ -25,9 +25,8 @@ logger = logging.getLogger("pipeline.run")
 
 def build_parser() -> argparse.ArgumentParser:
     from pipeline.backends import BACKENDS, DEMO_DIR
-    p = argparse.ArgumentParser(
-        prog="python pipeline/run.py", description=__doc__.split("\n")[0].split(":", 1)[-1].strip(),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(
+        prog="python pipeline/run.py", description=__doc__.split("\n\n")[0].split(":", 1)[-1].strip())
     p.add_argument("--clip", required=True, help="video file (mp4, mov, mkv, avi, ...)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--gallery", help=f"folder of shop images (or an LPR4M root); default: {DEMO_DIR / 'gallery'}")
@@ -110,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                                       conf=args.conf)
     gallery = load_gallery(args, embedder)
     if args.live is not None:
-        check_live_ids([args.live], gallery.live_ids, args.index or args.gallery or DEMO_DIR / "gallery")
+        check_live_ids([args.live], gallery.live_ids, args.index or args.gallery or backends.DEMO_DIR / "gallery")
     result, rec = recognize_video(
         args.clip, embedder, gallery, detector, fps=args.fps, max_frames=args.max_frames, k=args.topk,
         method=args.aggregation, crops_per_frame=args.crops_per_frame, thumbs=args.html_frames if args.html else 0,

@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from lpr4m.cli import emit_json, nonnegative_int, output_file, positive_int, setup_logging
+from lpr4m.cli import Parser, emit_json, nonnegative_int, output_file, positive_int, setup_logging
 from retriever.metrics import rank_k_accuracy, search_galleries
 
 logger = logging.getLogger(__name__)
@@ -133,10 +133,10 @@ def bench_embedding(weights, batch: int, repeats: int, threads: int):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="retriever/bench.py", description=__doc__.split("\n")[0])
+    p = Parser(prog="retriever/bench.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--weights", default=str(DEFAULT_WEIGHTS))
     p.add_argument("--batch", type=positive_int, default=32)
-    p.add_argument("--repeats", type=positive_int, default=5)
+    p.add_argument("--repeats", "--runs", type=positive_int, default=5)
     p.add_argument("--threads", type=nonnegative_int, default=2,
                    help="CPU threads for both backends (0 = library default)")
     p.add_argument("--queries", type=positive_int, default=20079)

@@ -112,49 +112,6 @@ class OnnxBackend:
         return self.session.run(None, {self.input_name: batch})[0]
 
 
-class TensorRTBackend:
-    """A serialized TensorRT engine (built by ``retriever/export.py --format engine`` on the target GPU)."""
-
-    def __init__(self, path, device: str = "cuda:0"):
-        try:
-            import tensorrt as trt
-            import torch
-        except ImportError:
-            raise BadInput(path, "TensorRT engines need the tensorrt package: pip install '.[gpu]'") from None
-        if not torch.cuda.is_available():
-            raise BadInput(path, "TensorRT engines need an NVIDIA GPU (torch.cuda.is_available() is False)")
-        self.torch, self.trt = torch, trt
-        self.device = torch.device(device if device.startswith("cuda") else "cuda:0")
-        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        engine = runtime.deserialize_cuda_engine(Path(path).read_bytes())
-        if engine is None:
-            raise BadInput(path, "TensorRT could not deserialize this engine (built for another GPU or TensorRT?)")
-        self.engine = engine
-        self.context = engine.create_execution_context()
-        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-        self.input_name = next(n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
-        self.output_name = next(n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
-        profile_shapes = engine.get_tensor_profile_shape(self.input_name, 0)
-        self.max_batch = int(profile_shapes[2][0])
-
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        torch = self.torch
-        outs = []
-        stream = torch.cuda.current_stream(self.device)
-        for i in range(0, len(batch), self.max_batch):
-            x = torch.from_numpy(np.ascontiguousarray(batch[i:i + self.max_batch])).to(self.device)
-            self.context.set_input_shape(self.input_name, tuple(x.shape))
-            shape = tuple(self.context.get_tensor_shape(self.output_name))
-            y = torch.empty(shape, dtype=torch.float32, device=self.device)
-            self.context.set_tensor_address(self.input_name, x.data_ptr())
-            self.context.set_tensor_address(self.output_name, y.data_ptr())
-            if not self.context.execute_async_v3(stream.cuda_stream):
-                raise RuntimeError("TensorRT execution failed")
-            stream.synchronize()
-            outs.append(y.cpu().numpy())
-        return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
-
-
 # -- the public object -----------------------------------------------------------------------------------------
 class Embedder:
     """Images -> L2-normalised embeddings, with the preprocessing of its config."""
@@ -216,7 +173,8 @@ def load_embedder(weights, device: str = "cpu", verify: bool = True) -> Embedder
         backend = OnnxBackend(weights, device)
         check_onnx_shapes(backend.session, config, weights)
     else:
-        backend = TensorRTBackend(weights, device)
+        from lpr4m.tensorrt_engine import EngineRunner
+        backend = EngineRunner(weights, device)
     return Embedder(backend, config, weights, pool or None)
 
 

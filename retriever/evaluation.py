@@ -15,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from lpr4m.cli import (device_arg, emit_json, output_file, parse_ks, positive_int, progress, setup_logging,
+from lpr4m.cli import (Parser, device_arg, emit_json, output_file, parse_ks, positive_int, progress, setup_logging,
                        torch_device)
 from lpr4m.errors import BadInput, Problems
 from lpr4m.images import load_rgb
@@ -222,7 +222,7 @@ def _default_detector_weights() -> Path | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="retriever/evaluate.py", description=__doc__.split("\n")[0])
+    p = Parser(prog="retriever/evaluate.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="LPR4M root with a test split")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--weights", default=str(DEFAULT_WEIGHTS), help=".safetensors / .onnx / .engine embedder")
@@ -245,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rankings-k", type=positive_int, default=50, help="how many ranked ids --save-rankings keeps")
     p.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N queries")
     p.add_argument("--device", type=device_arg, default="cpu")
-    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--batch-size", "--batch", type=positive_int, default=32)
     p.add_argument("--strict", action="store_true", help="the first bad file is fatal")
     p.add_argument("--out", type=output_file, default=None, help="write the JSON result here instead of stdout")
     p.add_argument("-v", "--verbose", action="store_true")

@@ -1,10 +1,11 @@
 """Export the embedder (``python retriever/export.py --weights W --format onnx|engine``).
 
 ONNX: dynamic batch axis, ``onnx.checker`` full check, and a parity check of ONNX Runtime against PyTorch
-(min cosine >= 0.9999 on a fixed input) -- a file that fails parity is not written. TensorRT: built from the
-ONNX file on the GPU that will run it (engines are tied to GPU and TensorRT version; never commit them).
-Each export writes ``<out>.json`` beside it (e.g. ``retriever.onnx.json``): the embedder config with that file's sha256, so ``load_embedder``
-reads preprocessing from it exactly as for the .safetensors.
+(min cosine >= 0.9999 on a fixed input, 0.999 for ``--precision fp16``) -- a file that fails parity is not
+written. TensorRT: built from an fp16 (default) or fp32 ONNX export on the GPU that will run it (engines are tied
+to GPU and TensorRT version; never commit them). Each export writes ``<out>.json`` beside it (e.g.
+``retriever.onnx.json``): the embedder config with that file's sha256, so ``load_embedder`` reads preprocessing
+from it exactly as for the .safetensors.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from lpr4m.cli import emit_json, output_file, positive_int, setup_logging
+from lpr4m.cli import Parser, emit_json, output_file, positive_int, setup_logging
 from lpr4m.errors import BadInput
 from lpr4m.io import atomic_path
 from lpr4m.io import sha256_file
@@ -27,7 +28,7 @@ from retriever.models.same_pad import constant_same_pads, drop_trailing_empty_in
 
 logger = logging.getLogger(__name__)
 
-PARITY_MIN_COSINE = 0.9999
+PARITY_MIN_COSINE = {"fp32": 0.9999, "fp16": 0.999}  # of each exported embedding with PyTorch's (fp32)
 # torch's TorchScript exporter (dynamo=False) supports opsets up to 20; below 11 Pad cannot take the trunk's "same"
 # pads when they depend on the input size (input_size % 32 != 0). The tests export and parity-check both ends.
 OPSETS = range(11, 21)
@@ -52,10 +53,15 @@ def _write_sidecar(config, model, path: Path, fmt: str, source_sha: str, parity:
     config.save(config_path_for(path))
 
 
-def export_onnx(weights, out=None, opset: int = 17, batch: int = 2) -> dict:
-    """ONNX file with a dynamic batch axis, checked and parity-tested against PyTorch."""
+def export_onnx(weights, out=None, opset: int = 17, batch: int = 2, precision: str = "fp32") -> dict:
+    """ONNX file with a dynamic batch axis, checked and parity-tested against PyTorch. ``precision`` fp16: a
+    half-precision graph with float32 input and output (what TensorRT 11 builds an fp16 engine from)."""
     import onnx
     import onnxruntime as ort
+
+    from lpr4m.tensorrt_engine import half_precision
+    if precision not in PARITY_MIN_COSINE:
+        raise BadInput(None, f"--precision {precision}: expected one of {', '.join(PARITY_MIN_COSINE)}")
     weights = Path(weights)
     config = read_config(weights)
     source_sha = config.sha256
@@ -69,7 +75,8 @@ def export_onnx(weights, out=None, opset: int = 17, batch: int = 2) -> dict:
         constant_same_pads(model)
     t0 = time.perf_counter()
     with atomic_path(out) as tmp:
-        torch.onnx.export(model, (x,), str(tmp), dynamo=False, opset_version=opset, input_names=["images"],
+        exported = half_precision(model) if precision == "fp16" else model
+        torch.onnx.export(exported, (x,), str(tmp), dynamo=False, opset_version=opset, input_names=["images"],
                           output_names=["embeddings"],
                           dynamic_axes={"images": {0: "batch"}, "embeddings": {0: "batch"}})
         proto = onnx.load(str(tmp))
@@ -79,69 +86,50 @@ def export_onnx(weights, out=None, opset: int = 17, batch: int = 2) -> dict:
         sess = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
         y_ort = sess.run(None, {"images": xp})[0]
         parity = min_cosine(y_ort, y_pt)
-        if parity < PARITY_MIN_COSINE:
-            raise RuntimeError(f"ONNX parity check failed: min cosine {parity:.6f} < {PARITY_MIN_COSINE}")
+        if parity < PARITY_MIN_COSINE[precision]:
+            raise RuntimeError(f"ONNX parity check failed: min cosine {parity:.6f} < {PARITY_MIN_COSINE[precision]}")
+    config.extra["precision"] = precision
     _write_sidecar(config, model, out, "onnx", source_sha, parity)
     logger.info("ONNX export %s (%.1f MB) in %.1f s, parity min cosine %.6f", out, out.stat().st_size / 1e6,
                 time.perf_counter() - t0, parity)
-    return {"format": "onnx", "path": str(out), "parity_min_cosine": parity, "size_mb": out.stat().st_size / 1e6,
+    return {"format": "onnx", "path": str(out), "precision": precision, "parity_min_cosine": parity,
+            "size_mb": out.stat().st_size / 1e6,
             "seconds": round(time.perf_counter() - t0, 2)}
 
 
-def export_engine(weights, out=None, fp16: bool = True, max_batch: int = 64, opt_batch: int = 32,
+def export_engine(weights, out=None, precision: str = "fp16", max_batch: int = 64, opt_batch: int = 32,
                   workspace_gb: float = 2.0) -> dict:
-    """TensorRT engine built from the ONNX export, on this machine's GPU; parity-checked against PyTorch."""
-    try:
-        import tensorrt as trt
-    except ImportError:
-        raise BadInput(weights, "--format engine needs TensorRT: pip install '.[gpu]' on a machine with a GPU") \
-            from None
-    if not torch.cuda.is_available():
-        raise BadInput(weights, "--format engine needs an NVIDIA GPU (torch.cuda.is_available() is False)")
+    """TensorRT engine built on this machine's GPU from a fresh ONNX export in ``precision`` (or from an .onnx
+    file as it is), parity-checked against PyTorch (or that file in ONNX Runtime)."""
+    import tempfile
+
+    from lpr4m import tensorrt_engine
+    tensorrt_engine.require(weights)
     weights = Path(weights)
-    if weights.suffix == ".onnx":
-        onnx_path = weights
-        config = read_config(weights)
-        model = None
-    else:
-        onnx_path = Path(export_onnx(weights)["path"])
-        config = read_config(weights)
-        model = build_model(config, weights).eval()
+    config = read_config(weights)
     source_sha = config.sha256
-    out = Path(out) if out else onnx_path.with_suffix(".engine")
-    t0 = time.perf_counter()
-    log = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(log)
-    network = builder.create_network(0)
-    parser = trt.OnnxParser(network, log)
-    if not parser.parse(onnx_path.read_bytes()):
-        errs = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errs}")
-    bc = builder.create_builder_config()
-    bc.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
-    if fp16 and builder.platform_has_fast_fp16:
-        bc.set_flag(trt.BuilderFlag.FP16)
-    profile = builder.create_optimization_profile()
+    out = Path(out) if out else weights.with_suffix(".engine")
     s, opt_batch = config.input_size, min(opt_batch, max_batch)
-    profile.set_shape(network.get_input(0).name, (1, 3, s, s), (opt_batch, 3, s, s), (max_batch, 3, s, s))
-    bc.add_optimization_profile(profile)
-    blob = builder.build_serialized_network(network, bc)
-    if blob is None:
-        raise RuntimeError("TensorRT engine build failed (see the TensorRT log above)")
-    with atomic_path(out) as tmp:
-        Path(tmp).write_bytes(bytes(blob))
+    with tempfile.TemporaryDirectory() as tmpdir:
+        if weights.suffix == ".onnx":
+            onnx_path, model = weights, None
+        else:
+            onnx_path = Path(export_onnx(weights, Path(tmpdir) / "model.onnx", precision=precision)["path"])
+            model = build_model(config, weights).eval()
+        built = tensorrt_engine.build_engine(onnx_path, out, (1, 3, s, s), (opt_batch, 3, s, s), (max_batch, 3, s, s),
+                                             workspace_gb)
     if model is None:
         from retriever.embedder import OnnxBackend
-        ref = OnnxBackend(onnx_path)
-        ref_fn = ref
+        ref_fn = OnnxBackend(weights)
     else:
         def ref_fn(b):
             with torch.inference_mode():
                 return model(torch.from_numpy(b)).numpy()
-    from retriever.embedder import TensorRTBackend
     xp = _parity_input(config, 5, seed=1)
-    parity = min_cosine(TensorRTBackend(out)(xp), ref_fn(xp))
-    tol = 0.999 if fp16 else PARITY_MIN_COSINE  # fp16 engines trade a little precision for speed
+    parity = min_cosine(tensorrt_engine.EngineRunner(out)(xp), ref_fn(xp))
+    if model is None:
+        precision = "as in the ONNX file"
+    tol = PARITY_MIN_COSINE.get(precision, PARITY_MIN_COSINE["fp16"])
     if parity < tol:
         out.unlink()
         raise RuntimeError(f"TensorRT parity check failed: min cosine {parity:.6f} < {tol}")
@@ -152,19 +140,20 @@ def export_engine(weights, out=None, fp16: bool = True, max_batch: int = 64, opt
         config.save(config_path_for(out))
     else:
         _write_sidecar(config, model, out, "engine", source_sha, parity)
-    return {"format": "engine", "path": str(out), "parity_min_cosine": parity, "fp16": fp16,
-            "seconds": round(time.perf_counter() - t0, 2)}
+    return {"format": "engine", "path": str(out), "parity_min_cosine": parity, "precision": precision, **built}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="retriever/export.py", description=__doc__.split("\n")[0])
+    p = Parser(prog="retriever/export.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--weights", required=True, help=".safetensors embedder (with its .json); .onnx for --format engine")
     p.add_argument("--format", choices=("onnx", "engine"), default="onnx")
     p.add_argument("--output", type=output_file, default=None,
                    help="output file (default: the weights path with the new suffix)")
     p.add_argument("--opset", type=int, choices=OPSETS, default=17, metavar=f"{OPSETS[0]}..{OPSETS[-1]}",
                    help="ONNX opset (default 17)")
-    p.add_argument("--no-fp16", action="store_true", help="TensorRT: build in fp32")
+    p.add_argument("--precision", choices=tuple(PARITY_MIN_COSINE),
+                   help="the graph's precision (default: fp32 for onnx, fp16 for engine; an .onnx input is built "
+                        "as it is)")
     p.add_argument("--max-batch", type=positive_int, default=64,
                    help="TensorRT: largest batch of the optimisation profile")
     p.add_argument("--out", type=output_file, default=None, help="write the JSON result here instead of stdout")
@@ -179,9 +168,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.format == "onnx":
         if weights.suffix != ".safetensors":
             raise BadInput(weights, "--format onnx exports a .safetensors embedder")
-        result = export_onnx(weights, args.output, args.opset)
+        result = export_onnx(weights, args.output, args.opset, precision=args.precision or "fp32")
     else:
-        result = export_engine(weights, args.output, fp16=not args.no_fp16, max_batch=args.max_batch)
+        result = export_engine(weights, args.output, args.precision or "fp16", max_batch=args.max_batch)
     result["fingerprint"] = load_embedder(result["path"]).fingerprint if args.format == "onnx" else None
     emit_json(result, args.out)
     return 0

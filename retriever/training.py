@@ -28,8 +28,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lpr4m.cli import (device_arg, emit_json, nonnegative_float, nonnegative_int, output_file, positive_float,
-                       positive_int, progress, setup_logging, torch_device)
+from lpr4m.cli import (Parser, device_arg, emit_json, nonnegative_float, nonnegative_int, output_file, positive_float,
+                       positive_int, progress, run_name, setup_logging, torch_device)
 from lpr4m.errors import BadInput, Problems
 from lpr4m.images import check_image
 from lpr4m.io import atomic_path, atomic_write, write_json
@@ -250,8 +250,8 @@ class _SkipBatches:
 
 # -- arguments -------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="retriever/train.py", description=__doc__.split("\n")[0],
-                                argument_default=None)
+    p = Parser(prog="retriever/train.py", description=__doc__.split("\n\n")[0],
+               argument_default=None)
     g = p.add_argument_group("data")
     g.add_argument("--data", required=False, help="LPR4M root with annotations/training_videoinfo*.txt")
     g.add_argument("--val-data", help="LPR4M root whose test split is evaluated each --eval-every epochs "
@@ -270,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="update BatchNorm statistics (default keeps them frozen for small batches)")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=positive_int)
-    g.add_argument("--batch-size", type=positive_int, help="clips per rank per step (distinct shop images)")
+    g.add_argument("--batch-size", "--batch", type=positive_int, help="clips per rank per step (distinct shop images)")
     g.add_argument("--accum", type=positive_int, help="gradient accumulation steps")
     g.add_argument("--lr", type=positive_float)
     g.add_argument("--head-lr-mult", type=positive_float)
@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", type=device_arg, default="auto")
     g = p.add_argument_group("output")
     g.add_argument("--runs-dir", default="runs/retriever")
-    g.add_argument("--name", default=None, help="suffix of the run folder name (a plain name: no '/' or '..')")
+    g.add_argument("--name", type=run_name, default=None, help="suffix of the run folder name (a plain name: no '/' or '..')")
     g.add_argument("--resume", default=None, help="a run folder (or its train_state.pt) to continue")
     g.add_argument("--log-every", type=positive_int)
     g.add_argument("--ckpt-every", type=nonnegative_int, help="save a resumable checkpoint every N optimizer steps")

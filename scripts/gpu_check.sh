@@ -89,6 +89,10 @@ step det_bench_gpu 0 "$PY" detector/bench.py --weights "$DET" --device 0 --threa
 if "$PY" -c "import tensorrt" 2>/dev/null; then
     step det_engine 0 "$PY" detector/export.py --weights "$DET" --format engine
     step det_eval_engine 0 "$PY" detector/evaluate.py --data "$DATA" --weights "${DET%.safetensors}.engine" --device 0
+    step det_engine_int8 0 "$PY" detector/export.py --weights "$DET" --format engine --precision int8 \
+        --calib-data "$DATA" --output "$OUT/detector-int8.engine"
+    step det_eval_engine_int8 0 "$PY" detector/evaluate.py --data "$DATA" --weights "$OUT/detector-int8.engine" \
+        --device 0
 else
     step det_engine_refused 2 "$PY" detector/export.py --weights "$DET" --format engine
 fi
@@ -100,6 +104,10 @@ RET=$(ls -t "$OUT"/runs/retriever/*/weights/last.safetensors 2>/dev/null | head 
 RET=${RET:-weights/retriever.safetensors}
 step ret_eval_gpu 0 "$PY" retriever/evaluate.py --data "$DATA" --weights "$RET" --device cuda
 step ret_eval_cpu 0 "$PY" retriever/evaluate.py --data "$DATA" --weights "$RET" --device cpu
+if "$PY" -c "import tensorrt" 2>/dev/null; then  # fp16 engine (parity-checked against PyTorch by the export)
+    step ret_engine 0 "$PY" retriever/export.py --weights "$RET" --format engine --output "$OUT/retriever.engine"
+    step ret_eval_engine 0 "$PY" retriever/evaluate.py --data "$DATA" --weights "$OUT/retriever.engine" --device cuda
+fi
 
 # Pipeline: the bundled demo on GPU and CPU (same answer expected), and end-to-end evaluation on GPU.
 if "$PY" -c "import av" 2>/dev/null; then  # decoding an mp4 needs PyAV; the frame-folder evaluation does not

@@ -185,6 +185,7 @@ def test_cli_missing_root_and_non_dataset(tmp_path, capsys):
     ("detector.training", ["--imgsz", "33"]), ("detector.training", ["--imgsz", "-64"]),
     ("detector.training", ["--batch", "0"]), ("detector.training", ["--hours", "nan"]),
     ("detector.training", ["--device", "bogus"]), ("detector.training", ["--epochs", "0"]),
+    ("detector.training", ["--name", "a/b"]), ("retriever.training", ["--name", "../x"]),
     ("detector.evaluation", ["--data", "x", "--conf", "2"]), ("detector.evaluation", ["--data", "x", "--limit", "0"]),
     ("detector.evaluation", ["--data", "x", "--batch", "-1"]), ("detector.exporting", ["--opset", "3"]),
     ("detector.benchmark", ["--threads", "0"]), ("lpr4m.synth", ["out", "--frame-size", "100000x100000"]),
@@ -196,7 +197,9 @@ def test_out_of_range_flags_are_refused_by_argparse(module, argv, capsys):
     parser = mod.build_download_parser() if module == "lpr4m.download" else mod.build_parser()
     with pytest.raises(SystemExit) as e:
         parser.parse_args(argv)
-    assert e.value.code == 2 and f"argument {argv[-2]}" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"argument {argv[-2]}" in err
+    assert err.count("\n") == 1 and err.startswith("error: ") and f"(see {parser.prog} --help)" in err  # one line
 
 
 def test_output_paths_are_checked_before_work_and_os_errors_are_one_line(tmp_path, capsys):

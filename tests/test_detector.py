@@ -121,7 +121,7 @@ def test_dataset_labels_links_and_cache(lpr4m_mini, tmp_path):
     assert again.manifest["reused"] and again.root == data.root
 
 
-def test_dataset_counts_missing_and_corrupt_frames_and_leaves_them_out(lpr4m_mini, tmp_path):
+def test_dataset_counts_missing_and_corrupt_frames_and_leaves_them_out(lpr4m_mini, tmp_path, caplog):
     """Missing, garbage and padded frames are counted and never listed: ultralytics' own scan re-encodes a JPEG
     with bytes after its end marker in place, and through the cache's links that file is the user's frame."""
     from detector.dataset import build_yolo_dataset, spread
@@ -144,6 +144,10 @@ def test_dataset_counts_missing_and_corrupt_frames_and_leaves_them_out(lpr4m_min
     data = build_yolo_dataset(Dataset(root), tmp_path / "cache", workers=1, problems=problems)
     assert data.manifest["train"]["missing_frame"] == 2 and data.manifest["train"]["corrupt_frame"] == 2
     assert problems.counts == {"missing_frame": 2, "corrupt_frame": 2}
+    assert "train: 2 corrupt frame(s) skipped" in caplog.text  # on stderr, not only in the JSON
+    caplog.clear()
+    assert build_yolo_dataset(Dataset(root), tmp_path / "cache", workers=1).manifest["reused"]
+    assert "(cached build) train: 2 corrupt frame(s) skipped" in caplog.text
     listed = data.train_list.read_text()
     assert garbage.name not in listed and padded.name not in listed
     assert data.manifest["train"]["frames"] == sum(len(c.frame_ids) for c in clips) - 4
@@ -154,7 +158,6 @@ def test_dataset_counts_missing_and_corrupt_frames_and_leaves_them_out(lpr4m_min
     with pytest.raises(BadInput, match=r"corrupt frame: not a readable image \(UnidentifiedImageError\)"):
         build_yolo_dataset(Dataset(root), tmp_path / "cache", workers=2, problems=Problems(strict=True))
     assert spread(list(range(10)), 3) == [0, 4, 9] and spread([1, 2], 5) == [1, 2]
-
 
 
 def test_dataset_build_skips_bad_box_entries_and_strict_stops_in_worker_pool(lpr4m_mini, tmp_path):
@@ -183,6 +186,7 @@ def test_dataset_build_skips_bad_box_entries_and_strict_stops_in_worker_pool(lpr
         build_yolo_dataset(Dataset(root, strict), tmp_path / "cache", workers=2, problems=strict, rebuild=True)
     err = pickle.loads(pickle.dumps(BadInput("f.txt", "bad row", 3)))
     assert (str(err), err.line) == ("f.txt:3: bad row", 3)
+
 
 # -- training ---------------------------------------------------------------------------------------------------
 def test_training_run_folder_resume_and_offline(trained):
@@ -223,6 +227,17 @@ def test_mixed_precision_only_on_a_gpu_and_unless_refused():
     assert training.ultralytics_overrides(training.resolve_knobs(no_amp), 0, amp=not no_amp.no_amp)["amp"] is False
     cpu = training.ultralytics_overrides(training.resolve_knobs(parse(["--preset", "cpu", "--batch", "6"])), 3)
     assert cpu["amp"] is False and cpu["nbs"] == 6 and cpu["seed"] == 3 and cpu["freeze"] is None
+
+
+def test_asked_epochs_beat_the_presets_time_budget():
+    """The cpu preset fits its epochs into 0.22 h; a user's --epochs N means N epochs, unless --hours is given."""
+    from detector import training
+    parse = training.build_parser().parse_args
+    assert training.ultralytics_overrides(training.resolve_knobs(parse([])), 0)["time"] == 0.22
+    asked = training.ultralytics_overrides(training.resolve_knobs(parse(["--epochs", "3"])), 0)
+    assert asked["epochs"] == 3 and asked["time"] is None
+    both = training.ultralytics_overrides(training.resolve_knobs(parse(["--epochs", "3", "--hours", "0.1"])), 0)
+    assert both["epochs"] == 3 and both["time"] == 0.1
 
 
 def test_resume_of_finished_run_is_refused(trained, capsys):
@@ -332,6 +347,8 @@ def test_evaluate_cli_and_saved_coco_json(trained, tmp_path, capsys):
     for key in ("ap", "ap50", "ap75", "ap_small", "ap_medium", "ap_large", "ar100"):
         assert key in res["metrics"]
     assert set(res["by_scale_type"]) <= {"small", "medium", "large"} and res["by_scale_type"]
+    assert all(set(m) == {"ap", "ap50", "ap75", "ar100", "images"} for m in res["by_scale_type"].values())
+    assert sum(m["images"] for m in res["by_scale_type"].values()) <= res["metrics"]["images"]
     gt = json.loads((tmp_path / "coco" / "gt.json").read_text())
     assert len(gt["images"]) == n
     assert len(gt["annotations"]) == sum(len(b) for b in Dataset(trained.data).gt_boxes.values())
@@ -406,6 +423,70 @@ def test_onnx_export_parity(trained, tmp_path, which, ort_ops):
     assert onnx_det.name == "onnxruntime" and onnx_det.backend.providers[-1] == "CPUExecutionProvider"
     assert len(onnx_det.detect(frames * 3)) == len(frames) * 3  # batches larger than one run through
     assert res["size_mb"] < 25
+
+
+def test_half_and_int8_onnx_are_the_files_tensorrt_11_builds(trained, tmp_path, capsys):
+    """TensorRT 11 dropped the FP16/INT8 builder flags and calibrators: an engine's precision is its ONNX file's.
+    fp16: a half-precision graph with float32 input and output; int8: symmetric Q/DQ pairs (zero points 0, int8
+    weights per output channel, float biases), calibrated by ONNX Runtime. Both run in ONNX Runtime here."""
+    import onnx
+    from onnx import numpy_helper
+
+    from detector import exporting
+    from detector.infer import load_detector, preprocess
+    weights, imgsz = BUNDLED if BUNDLED.is_file() else trained.weights, 160
+    frames = _frames(trained.data, 4) + exporting.parity_frames(2)
+    half, int8 = tmp_path / "d16.onnx", tmp_path / "d8.onnx"
+    common = ["--weights", str(weights), "--imgsz", str(imgsz)]
+    assert run_main(exporting.main, [*common, "--precision", "fp16", "--output", str(half)]) == 0
+    assert json.loads(capsys.readouterr().out)["parity"]["ok"]
+    graph = onnx.load(str(half)).graph
+    float32, float16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
+    assert graph.input[0].type.tensor_type.elem_type == float32 == graph.output[0].type.tensor_type.elem_type
+    conv_weights = {n.input[1] for n in graph.node if n.op_type == "Conv"}
+    assert {i.data_type for i in graph.initializer if i.name in conv_weights} == {float16}
+    p = exporting.parity(weights, half, imgsz=imgsz, frames=frames, conf=0.01, precision="fp16")
+    assert p["boxes"] > 0 and p["ok"], p
+    assert load_detector(half).config.precision == "fp16"
+
+    assert run_main(exporting.main, [*common, "--precision", "int8", "--output", str(int8)]) == 2
+    assert "--calib-data" in capsys.readouterr().err and not int8.exists()
+    assert run_main(exporting.main, [*common, "--precision", "int8", "--calib-data", str(trained.data),
+                                     "--output", str(int8)]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["calibration_images"] > 0 and res["parity"]["ok"] is None  # INT8's accuracy is evaluate.py's to say
+    graph = onnx.load(str(int8)).graph
+    init = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    made_by = {o: n for n in graph.node for o in n.output}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    for conv in convs:
+        dq = made_by[conv.input[1]]
+        assert dq.op_type == "DequantizeLinear" and init[dq.input[0]].dtype == np.int8, conv.name
+        assert init[dq.input[1]].shape == (init[dq.input[0]].shape[0],), conv.name  # a scale per output channel
+        assert made_by[conv.input[0]].op_type == "DequantizeLinear", conv.name  # activations quantized too
+        if len(conv.input) > 2:
+            assert init[conv.input[2]].dtype == np.float32, conv.name  # bias left in float
+    zero_points = [init[n.input[2]] for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert zero_points and all(not z.any() for z in zero_points)  # symmetric: TensorRT's only kind
+    q, ref = load_detector(int8, conf=0.01), load_detector(weights, imgsz=imgsz, conf=0.01)
+    assert q.config.precision == "int8"
+    batch, _ = preprocess(frames, imgsz)
+    scores_q, scores_ref = q.raw(batch)[:, 4:].ravel(), ref.raw(batch)[:, 4:].ravel()
+    # a floor, not a target (its AP is evaluate.py's to measure): wrong scales or a wrongly fed calibration give
+    # scores unrelated to the float model's
+    assert np.corrcoef(scores_q, scores_ref)[0, 1] > 0.5
+
+
+def test_onnx_on_a_gpu_this_onnx_runtime_lacks_is_refused(tmp_path):
+    import onnxruntime as ort
+
+    from detector.infer import load_detector
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this ONNX Runtime has a CUDA provider")
+    onnx_weights = REPO / "weights" / "detector.onnx"
+    with pytest.raises(BadInput, match="no CUDA/TensorRT provider"):
+        load_detector(onnx_weights, device="0")
+    assert load_detector(onnx_weights, device="auto").backend.providers == ["CPUExecutionProvider"]
 
 
 def test_detect_api_shapes_and_batching(trained):
@@ -485,27 +566,42 @@ def test_wrong_or_unsafe_weights_are_refused(trained, tmp_path, capsys):
 
 def test_engine_export_without_gpu_exits_2(trained, tmp_path, capsys):
     from detector import exporting
-    ok, _ = exporting.tensorrt_available()
+    from lpr4m import tensorrt_engine
+    ok, _ = tensorrt_engine.available()
     if ok:
         pytest.skip("TensorRT and a GPU are present: the engine is built by the gpu test")
     rc = run_main(exporting.main, ["--weights", str(trained.weights), "--format", "engine",
-                                   "--out", str(tmp_path / "d.engine")])
+                                   "--output", str(tmp_path / "d.engine")])
     assert rc == 2 and "TensorRT engines need an NVIDIA GPU" in capsys.readouterr().err
     assert not (tmp_path / "d.engine").exists()
+
+
+@pytest.mark.parametrize("flags, says", [(["--output", "r.json"], "must end in .onnx"),
+                                         (["--out", "d.onnx"], "goes to --output")])
+def test_export_refuses_a_model_path_for_the_json_and_back(trained, tmp_path, capsys, flags, says):
+    """--output is the model file and --out the JSON result, as in retriever/export.py (onnx.load of a .json
+    once failed with a UnicodeDecodeError traceback)."""
+    from detector import exporting
+    flags = [flags[0], str(tmp_path / flags[1])]
+    assert run_main(exporting.main, ["--weights", str(trained.weights), *flags]) == 2
+    assert says in capsys.readouterr().err and list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.gpu
 def test_engine_build_and_detect(trained, tmp_path):
     from detector import exporting, load_detector
-    ok, why = exporting.tensorrt_available()
+    from lpr4m import tensorrt_engine
+    ok, why = tensorrt_engine.available()
     if not ok:
         pytest.skip(f"TensorRT engine test needs TensorRT and an NVIDIA GPU: {why}")
     res = exporting.export_engine(trained.weights, tmp_path / "d.engine", imgsz=160, max_batch=4)
+    assert res["precision"] == "fp16" and res["parity"]["ok"], res["parity"]  # fp16 by default
     det = load_detector(res["output"], device="0", conf=0.05)
-    ref = load_detector(trained.weights, conf=0.05, imgsz=160)
     frames = _frames(trained.data, 4)
-    a, b = det.detect(frames), ref.detect(frames)
-    assert [len(x) for x in a] == [len(x) for x in b]
+    assert det.config.precision == "fp16" and len(det.detect(frames * 3)) == 12  # in chunks of the engine's 4
+    int8 = exporting.export_engine(trained.weights, tmp_path / "d8.engine", imgsz=160, max_batch=4,
+                                   precision="int8", calib_data=str(trained.data))
+    assert int8["calibration_images"] > 0 and load_detector(int8["output"], device="0").config.precision == "int8"
 
 
 def test_dataset_build_benchmark_counts_every_frame(tmp_path, capsys):

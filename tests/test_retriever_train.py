@@ -172,6 +172,24 @@ def test_onnx_export_parity(trained, tmp_path, capsys, ort_ops):
     assert run_main(export_main, ["--weights", str(tmp_path / "emb.onnx"), "--format", "onnx"]) == 2
 
 
+def test_half_precision_onnx_is_an_fp16_graph_with_float32_io(trained, tmp_path):
+    """What a TensorRT 11 fp16 engine is built from (it has no FP16 builder flag): checked here in ONNX Runtime."""
+    import onnx
+    out = tmp_path / "emb16.onnx"
+    assert run_main(export_main, ["--weights", trained["weights"], "--precision", "fp16", "--output", str(out),
+                                  "--out", str(tmp_path / "r.json")]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["parity_min_cosine"] >= 0.999
+    graph = onnx.load(str(out)).graph
+    float32, float16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
+    assert graph.input[0].type.tensor_type.elem_type == float32 == graph.output[0].type.tensor_type.elem_type
+    conv_weights = {n.input[1] for n in graph.node if n.op_type == "Conv"}
+    assert conv_weights and {i.data_type for i in graph.initializer if i.name in conv_weights} == {float16}
+    pt, half = load_embedder(trained["weights"]), load_embedder(out)
+    assert half.config.extra["precision"] == "fp16" and half.fingerprint == pt.fingerprint
+    imgs = [np.random.default_rng(i).integers(0, 255, (50, 80, 3), dtype=np.uint8) for i in range(3)]
+    assert float((pt.embed(imgs) * half.embed(imgs)).sum(1).min()) >= 0.999
+
+
 @pytest.mark.gpu
 def test_cuda_training_with_amp(lpr4m_mini, tmp_path):
     """The gpu preset's path: plain ``--device cuda`` and autocast through the attention pool (both broke on an
@@ -234,9 +252,11 @@ def test_bench_refuses_a_folder_as_output_before_benchmarking(tmp_path, capsys, 
 @pytest.mark.parametrize("name", ["/../../x/ESCAPED", "a/b"])
 def test_unsafe_run_name_is_refused(lpr4m_mini, tmp_path, capsys, name):
     runs = tmp_path / "sub" / "runs"
-    assert run_main(train_main, ["--data", str(lpr4m_mini), *TINY, "--epochs", "1", "--freeze-stages", "6",
-                                 "--limit", "12", "--val-data", "none", "--runs-dir", str(runs), "--name", name]) == 2
+    with pytest.raises(SystemExit) as e:  # by argparse, before any work
+        run_main(train_main, ["--data", str(lpr4m_mini), *TINY, "--epochs", "1", "--freeze-stages", "6",
+                              "--limit", "12", "--val-data", "none", "--runs-dir", str(runs), "--name", name])
     err = capsys.readouterr().err
+    assert e.value.code == 2
     assert "unsafe run name" in err and len(err.strip().splitlines()) == 1
     assert not runs.exists() and not list(tmp_path.rglob("ESCAPED"))  # refused before anything is written
 
