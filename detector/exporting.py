@@ -84,6 +84,8 @@ def export_onnx(weights, output=None, imgsz: int | None = None, opset: int = OPS
     from retriever.models.same_pad import drop_trailing_empty_inputs
     if precision not in tensorrt_engine.PRECISIONS:
         raise BadInput(None, f"--precision {precision}: expected one of {', '.join(tensorrt_engine.PRECISIONS)}")
+    if precision == "int8" and opset < 13:
+        raise BadInput(None, f"--precision int8 needs --opset 13 or newer (per-channel Q/DQ), not {opset}")
     if (precision == "int8") != bool(calib_data):
         raise BadInput(calib_data, "--precision int8 needs --calib-data ROOT (frames to calibrate activation "
                                    "ranges), and --calib-data is only for int8")
@@ -129,7 +131,7 @@ def export_onnx(weights, output=None, imgsz: int | None = None, opset: int = OPS
 
 
 def parity(weights, onnx_path, imgsz: int | None = None, frames=None, conf: float = 0.05,
-           precision: str = "fp32") -> dict:
+           precision: str = "fp32", device: str = "cpu") -> dict:
     """PyTorch vs an export (ONNX Runtime or TensorRT) on fixed frames: the network outputs of every anchor (boxes
     in px, scores), and the detections after the shared NMS.
 
@@ -142,7 +144,7 @@ def parity(weights, onnx_path, imgsz: int | None = None, frames=None, conf: floa
     from detector.infer import load_detector, preprocess
     frames = frames if frames is not None else parity_frames()
     ref = load_detector(weights, conf=conf, imgsz=imgsz)
-    test = load_detector(onnx_path, conf=conf, imgsz=imgsz)
+    test = load_detector(onnx_path, conf=conf, imgsz=imgsz, device=device)
     batch, _ = preprocess(frames, ref.imgsz)
     raw_a, raw_b = ref.raw(batch), test.raw(batch)  # (B, 4 + nc, anchors): xywh in input px, then class scores
     raw_box_diff = float(np.abs(raw_a[:, :4] - raw_b[:, :4]).max())
@@ -222,7 +224,7 @@ def export_engine(weights, output=None, imgsz: int | None = None, max_batch: int
     calibration = {k: v for k, v in onnx_info.items() if k.startswith("calibration")}
     return {"output": str(output), "config": str(sidecar(output)), "imgsz": imgsz, "precision": precision,
             "max_batch": max_batch, **built, **calibration,
-            "parity": parity(weights, output, imgsz=imgsz, precision=precision)}
+            "parity": parity(weights, output, imgsz=imgsz, precision=precision, device=device)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

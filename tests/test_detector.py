@@ -451,6 +451,9 @@ def test_half_and_int8_onnx_are_the_files_tensorrt_11_builds(trained, tmp_path, 
 
     assert run_main(exporting.main, [*common, "--precision", "int8", "--output", str(int8)]) == 2
     assert "--calib-data" in capsys.readouterr().err and not int8.exists()
+    assert run_main(exporting.main, [*common, "--precision", "int8", "--calib-data", str(trained.data), "--opset", "12",
+                                     "--output", str(int8)]) == 2
+    assert "--opset 13 or newer" in capsys.readouterr().err and not int8.exists()
     assert run_main(exporting.main, [*common, "--precision", "int8", "--calib-data", str(trained.data),
                                      "--output", str(int8)]) == 0
     res = json.loads(capsys.readouterr().out)

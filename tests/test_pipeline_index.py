@@ -302,7 +302,7 @@ def test_index_cli_bad_galleries(tmp_path, emb_weights, lpr4m_mini, capsys):
 def test_gpu_faiss_search_matches_cpu():
     import faiss
     if faiss.get_num_gpus() == 0:
-        pytest.skip("GPU faiss not available (needs faiss-gpu and a CUDA device: pip install '.[gpu]')")
+        pytest.skip("GPU faiss not available (needs faiss-gpu and a CUDA device: ./setup.sh --gpu)")
     from pipeline.gallery import GalleryIndex
     x = _clustered(200)
     gi = GalleryIndex.from_vectors(x, _items(200), {"fingerprint": "fp"})
