@@ -180,16 +180,35 @@ def read_liveid_to_gallery(path) -> dict[str, list[str]]:
     return _read_id_lists(path, parse_live_id, parse_image_id, "gallery")
 
 
+class _KeyLines:
+    """The line of a JSON object's key in its file, for an error message. Looked up only for bad entries and in
+    file order (``json.load`` keeps it), so the file is scanned once however many entries are bad."""
+
+    def __init__(self, path):
+        self.path, self.data, self.pos, self.line = Path(path), None, 0, 1
+
+    def __call__(self, key: str) -> int | None:
+        if self.data is None:
+            self.data = self.path.read_bytes()
+        at = self.data.find(json.dumps(key, ensure_ascii=False).encode("utf-8"), self.pos)
+        if at < 0:
+            return None
+        self.line += self.data.count(b"\n", self.pos, at)
+        self.pos = at
+        return self.line
+
+
 def read_frameid_to_gtbox(path, problems: Problems | None = None) -> dict[str, list[Box]]:
     """``{frame_id: [[x1, y1, x2, y2], ...]}`` normalised; ``[]`` means the frame shows no product. A bad entry is
     left out and counted in ``problems`` (raised at once when there are none, or when they are strict)."""
     obj = read_json(path, expect=dict)
     out = {}
+    line_of = _KeyLines(path)
     for key, boxes in obj.items():
         try:
             out[frame_id_from(key, path)] = check_boxes(boxes, path)
         except BadInput as err:
-            err = BadInput(path, f"frame {str(key)[:80]!r}: {err.message}")
+            err = BadInput(path, f"frame {str(key)[:80]!r}: {err.message}", line_of(str(key)))
             if problems is None:
                 raise err from None
             problems.add(err, "bad_annotation")

@@ -104,6 +104,18 @@ def test_gtbox_keys_may_be_frame_paths(tmp_path):
     assert ann.read_frameid_to_gtbox(tmp_path / "box.json") == {FRAMES[2]: [[0.0, 0.0, 0.5, 0.5]]}
 
 
+def test_bad_gtbox_entries_name_their_line(tmp_path):
+    """json.load keeps no positions: the line comes from the key's place in the file (found in file order)."""
+    rows = [[[0.1, 0.1, 0.2, 0.2]], [[0.1, 0.2, 0.3]], [[0.5, 0.5, 0.4, 0.9]]]
+    lines = ",\n".join(f" {json.dumps(f)}: {json.dumps(b)}" for f, b in zip(FRAMES, rows))
+    (tmp_path / "box.json").write_text("{\n" + lines + "\n}\n")  # FRAMES[i] on line i + 2
+    with pytest.raises(BadInput, match=rf"box.json:3: frame '{FRAMES[1]}': box \[0.1, 0.2, 0.3\]"):
+        ann.read_frameid_to_gtbox(tmp_path / "box.json")
+    problems = Problems()
+    assert ann.read_frameid_to_gtbox(tmp_path / "box.json", problems) == {FRAMES[0]: [[0.1, 0.1, 0.2, 0.2]]}
+    assert [m.split(": frame")[0].rsplit(":", 1)[1] for m in problems.messages] == ["3", "4"]
+
+
 def test_id_text_round_trip(tmp_path):
     asr = {VID: "hello\tworld", VID2: ""}
     titles = {IMG: "Oat milk", IMG2: "Soy drink\n1 l"}
