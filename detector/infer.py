@@ -196,7 +196,7 @@ def onnx_providers(device: str = "cpu", cpu_fallback: bool = False) -> list[str]
         chosen = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available]
         if not chosen and str(device).lower() != "auto":
             why = (f"--device {device}: this ONNX Runtime has no CUDA/TensorRT provider (has {', '.join(available)});"
-                   " use --device cpu, or pip install onnxruntime-gpu")
+                   " use --device cpu, or ./setup.sh --gpu")
             if not cpu_fallback:
                 raise BadInput(None, why)
             logger.warning("%s; ONNX Runtime runs on the CPU", why)

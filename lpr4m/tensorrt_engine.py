@@ -13,6 +13,7 @@ import copy
 import logging
 import time
 from pathlib import Path
+from textwrap import shorten
 from typing import Iterable
 
 import numpy as np
@@ -128,7 +129,7 @@ def build_engine(onnx_path, out, min_shape: tuple, opt_shape: tuple, max_shape: 
     parser = trt.OnnxParser(network, log)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise BadInput(onnx_path, f"TensorRT could not parse the ONNX file: {errors[:300]}")
+        raise BadInput(onnx_path, f"TensorRT could not parse the ONNX file: {shorten(errors, 300)}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
     profile = builder.create_optimization_profile()

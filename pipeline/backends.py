@@ -98,7 +98,7 @@ def resolve_device(device: str, backend: str) -> str:
         raise BadInput(None, f"--device {device}: the onnx backend runs on cpu, cuda, cuda:N or a GPU id")
     if not gpu:
         raise BadInput(None, f"--device {device}: ONNX Runtime has no CUDA provider here (has "
-                             f"{', '.join(providers)}); use --device cpu, or install onnxruntime-gpu")
+                             f"{', '.join(providers)}); use --device cpu, or ./setup.sh --gpu")
     return f"cuda:{device}" if device.isdigit() else device
 
 
