@@ -180,7 +180,7 @@ def read_liveid_to_gallery(path) -> dict[str, list[str]]:
     return _read_id_lists(path, parse_live_id, parse_image_id, "gallery")
 
 
-class _KeyLines:
+class JsonKeyLines:
     """The line of a JSON object's key in its file, for an error message. Looked up only for bad entries and in
     file order (``json.load`` keeps it), so the file is scanned once however many entries are bad."""
 
@@ -203,7 +203,7 @@ def read_frameid_to_gtbox(path, problems: Problems | None = None) -> dict[str, l
     left out and counted in ``problems`` (raised at once when there are none, or when they are strict)."""
     obj = read_json(path, expect=dict)
     out = {}
-    line_of = _KeyLines(path)
+    line_of = JsonKeyLines(path)
     for key, boxes in obj.items():
         try:
             out[frame_id_from(key, path)] = check_boxes(boxes, path)

@@ -270,13 +270,14 @@ def test_stats(root: Path, problems: Problems, verify: bool = False) -> dict | N
     # boxes: each annotated frame must be a query frame of a listed clip
     boxes = _read_json_dict(box_path, problems)
     if boxes is not None:
-        from lpr4m.annotations import check_boxes
+        from lpr4m.annotations import JsonKeyLines, check_boxes
+        line_of = JsonKeyLines(box_path)
         for key, value in boxes.items():
             try:
                 frame_id = frame_id_from(key, box_path)
                 s["gtbox_boxes"] += len(check_boxes(value, box_path))
             except BadInput as err:
-                problems.add(BadInput(box_path, f"frame {key!r}: {err.message}"), "malformed_row")
+                problems.add(BadInput(box_path, f"frame {key!r}: {err.message}", line_of(key)), "malformed_row")
                 continue
             s["gtbox_frames"] += 1
             if frame_id not in query_frames:

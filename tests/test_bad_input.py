@@ -109,7 +109,7 @@ CASES = {
     "gtbox_unknown_frame": (lambda r, m: _edit_json(r, "test_frameid2gtbox.json", lambda d: d.update(
         {f"{m['test_ids'][0]}-0099": [[0.1, 0.1, 0.2, 0.2]]})), "unknown_id", "-0099 has boxes but is not", False),
     "gtbox_bad_box": (lambda r, m: _edit_json(r, "test_frameid2gtbox.json", lambda d: d.update(
-        {_first(d): [[0.5, 0.5, 0.4, 0.9]]})), "malformed_row", "test_frameid2gtbox.json: frame", False),
+        {_first(d): [[0.5, 0.5, 0.4, 0.9]]})), "malformed_row", "test_frameid2gtbox.json:1: frame", False),
     "malformed_gallery_id": (lambda r, m: _edit_json(r, "test_liveid_to_gallery.json",
                                                      lambda d: d[_first(d)].append("not-an-id")),
                              "malformed_row", "malformed image_id", False),

@@ -182,7 +182,7 @@ def test_dataset_build_skips_bad_box_entries_and_strict_stops_in_worker_pool(lpr
     assert problems.counts["bad_annotation"] == 2 and data.manifest["val"]["frames"] == len(boxes) - 2
     assert any(first in m for m in problems.messages)  # the message names the frame
     strict = Problems(strict=True)
-    with pytest.raises(BadInput, match="test_frameid2gtbox.json: frame"):
+    with pytest.raises(BadInput, match=r"test_frameid2gtbox.json:\d+: frame"):
         build_yolo_dataset(Dataset(root, strict), tmp_path / "cache", workers=2, problems=strict, rebuild=True)
     err = pickle.loads(pickle.dumps(BadInput("f.txt", "bad row", 3)))
     assert (str(err), err.line) == ("f.txt:3: bad row", 3)
