@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python detector/evaluate.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="LPR4M dataset root with test_frameid2gtbox and query/ frames")
     p.add_argument("--weights", default="weights/detector.safetensors", help=".safetensors/.pt, .onnx or .engine")
-    p.add_argument("--device", type=device_arg, default="cpu")
+    p.add_argument("--device", type=device_arg, default="auto",
+                   help="cpu, 0 or cuda:N, or auto: a GPU when this machine (and, for .onnx, ONNX Runtime) has one")
     p.add_argument("--imgsz", type=image_size, help="input size (default: the one in the weights' config)")
     p.add_argument("--conf", type=fraction, default=0.001, help="score threshold (low, as AP needs the whole curve)")
     p.add_argument("--max-det", type=positive_int, default=100, help="detections kept per frame (COCO AR uses 100)")

@@ -244,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write ranked ids + scores per query as JSON lines")
     p.add_argument("--rankings-k", type=positive_int, default=50, help="how many ranked ids --save-rankings keeps")
     p.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N queries")
-    p.add_argument("--device", type=device_arg, default="cpu")
+    p.add_argument("--device", type=device_arg, default="auto",
+                   help="cpu, 0 or cuda:N, or auto: a GPU when this machine (and, for .onnx, ONNX Runtime) has one")
     p.add_argument("--batch-size", "--batch", type=positive_int, default=32)
     p.add_argument("--strict", action="store_true", help="the first bad file is fatal")
     p.add_argument("--out", type=output_file, default=None, help="write the JSON result here instead of stdout")
