@@ -11,7 +11,8 @@ PIP=(.venv/bin/python -m pip --disable-pip-version-check)
 # torch first, by exact pin: these two wheels are served from the local disk on the dev/CI machines.
 "${PIP[@]}" install -q torch==2.14.1 torchvision==0.29.1
 "${PIP[@]}" install -q -e ".[dev]"
-if [ "${1:-}" = "--gpu" ]; then
+# --gpu, or a re-run where the GPU extras are installed: the line above put the CPU builds back over them
+if [ "${1:-}" = "--gpu" ] || "${PIP[@]}" show -q onnxruntime-gpu >/dev/null 2>&1; then
   "${PIP[@]}" install -q -e ".[dev,gpu]"
   # onnxruntime-gpu and faiss-gpu write the same modules as the CPU builds beside them: keep only the GPU ones
   "${PIP[@]}" uninstall -q -y onnxruntime faiss-cpu

@@ -3,6 +3,7 @@ TensorRT engine built on this machine's GPU; fp32, fp16 or INT8 (Q/DQ) graphs (f
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import time
@@ -164,17 +165,29 @@ def parity(weights, onnx_path, imgsz: int | None = None, frames=None, conf: floa
             "ok": None if tolerance is None else raw_box_diff <= tolerance[0] and raw_score_diff <= tolerance[1]}
 
 
+def _present(paths, give_up: int = 64):
+    """The paths that exist, until ``give_up`` in a row do not (training frames that were never downloaded)."""
+    misses = 0
+    for path in paths:
+        misses = 0 if path.is_file() else misses + 1
+        if misses == give_up:
+            return
+        if not misses:
+            yield path
+
+
 def calibration_batches(root, imgsz: int, n_frames: int = CALIBRATION_FRAMES, batch: int = 8):
     """Letterboxed float32 batches of up to ``n_frames`` frames of ``root`` for INT8 calibration: its training
-    frames, one per clip before a second one (many scenes first), or its test frames when it has no training clips.
-    Unreadable frames are skipped and counted."""
+    frames, one per clip before a second one (many scenes first), then its test frames (a dataset whose training
+    frames are not downloaded still calibrates). Missing or unreadable frames are skipped and counted."""
     from detector.infer import preprocess
     from lpr4m.images import load_rgb
     from lpr4m.layout import Dataset
     ds = Dataset(root)
     clips = [c.frame_ids for c in ds.training_clips()] if ds.annotation("training_videoinfo", False) else []
-    paths = [ds.training_frame_path(ids[depth]) for depth in range(max(map(len, clips), default=0))
-             for ids in clips if depth < len(ids)] or [ds.query_frame_path(f) for f in sorted(ds.gt_boxes)]
+    training = (ds.training_frame_path(ids[depth]) for depth in range(max(map(len, clips), default=0))
+                for ids in clips if depth < len(ids))
+    paths = itertools.chain(_present(training), (ds.query_frame_path(f) for f in sorted(ds.gt_boxes)))
     loaded, skipped, frames = 0, 0, []
     for path in paths:
         if loaded == n_frames:
@@ -191,7 +204,7 @@ def calibration_batches(root, imgsz: int, n_frames: int = CALIBRATION_FRAMES, ba
     if frames:
         yield preprocess(frames, imgsz)[0]
     if skipped:
-        logger.warning("INT8 calibration: %d unreadable frames skipped", skipped)
+        logger.warning("INT8 calibration: %d missing or unreadable frames skipped", skipped)
     if not loaded:
         raise BadInput(root, "no readable frames to calibrate INT8 with")
 

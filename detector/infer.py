@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from detector.config import DetectorConfig, sidecar
-from lpr4m.cli import torch_device
+from lpr4m.cli import onnx_providers, torch_device
 from lpr4m.errors import BadInput
 
 logger = logging.getLogger(__name__)
@@ -184,23 +184,6 @@ class TorchBackend:
         with self.torch.inference_mode():
             y = self.model(self.torch.from_numpy(batch).to(self.device))
         return y.float().cpu().numpy()
-
-
-def onnx_providers(device: str = "cpu", cpu_fallback: bool = False) -> list[str]:
-    """TensorRT / CUDA execution providers when a GPU is asked for, then the CPU's. A GPU this ONNX Runtime cannot
-    use is refused in one line (as the torch path refuses a missing GPU), unless ``cpu_fallback`` or ``auto``."""
-    import onnxruntime as ort
-    available = ort.get_available_providers()
-    chosen = []
-    if str(device).lower() != "cpu":
-        chosen = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available]
-        if not chosen and str(device).lower() != "auto":
-            why = (f"--device {device}: this ONNX Runtime has no CUDA/TensorRT provider (has {', '.join(available)});"
-                   " use --device cpu, or ./setup.sh --gpu")
-            if not cpu_fallback:
-                raise BadInput(None, why)
-            logger.warning("%s; ONNX Runtime runs on the CPU", why)
-    return chosen + ["CPUExecutionProvider"]
 
 
 class OnnxBackend:

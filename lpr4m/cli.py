@@ -12,6 +12,7 @@ from typing import Any, Callable, Sequence
 from lpr4m.errors import BadInput
 
 EXIT_BAD_INPUT = 2
+logger = logging.getLogger(__name__)
 
 
 class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -23,7 +24,7 @@ class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 class Parser(argparse.ArgumentParser):
     """argparse with a one-line error (``error: what was wrong (see PROG --help)``) instead of its usage block,
-    and every option's default in ``--help``."""
+    and every option's default in ``--help`` (unless a command picks another formatter)."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", DefaultsFormatter)
@@ -59,7 +60,6 @@ def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
 
 def parse_ks(text: str) -> tuple[int, ...]:
     """argparse type for ``--ks 1,5,10``."""
-    import argparse
     try:
         ks = tuple(int(v) for v in text.split(","))
     except ValueError:
@@ -70,7 +70,6 @@ def parse_ks(text: str) -> tuple[int, ...]:
 
 
 def _number(kind, text: str, low: float, low_ok: bool, high: float | None = None):
-    import argparse
     import math
     try:
         value = kind(text)
@@ -113,7 +112,6 @@ def fraction(text: str) -> float:
 
 def image_size(text: str) -> int:
     """argparse type for ``--imgsz``: a positive multiple of 32 (the stride of every YOLO model we build)."""
-    import argparse
     value = positive_int(text)
     if value % 32:
         raise argparse.ArgumentTypeError(f"expected a multiple of 32 (the model stride), got {value}")
@@ -126,7 +124,6 @@ DEVICE_SYNTAX = re.compile(r"^(auto|cpu|mps|cuda|cuda:\d+|\d+(,\d+)*)$")
 def device_arg(text: str) -> str:
     """argparse type for ``--device``: auto, cpu, mps, cuda, cuda:N, N or N,N,... (GPU ids). Whether a GPU is
     there is checked where the device is used (``torch_device``), so parsing never imports torch."""
-    import argparse
     text = text.strip().lower()
     if not DEVICE_SYNTAX.match(text):
         raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda, cuda:N, N or N,N,... (GPU ids), got {text!r}")
@@ -174,9 +171,25 @@ def run_name(text: str) -> str:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def onnx_providers(device: str = "cpu", cpu_fallback: bool = False) -> list[str]:
+    """TensorRT / CUDA execution providers when a GPU is asked for, then the CPU's. A GPU this ONNX Runtime cannot
+    use is refused in one line (as the torch path refuses a missing GPU), unless ``cpu_fallback`` or ``auto``."""
+    import onnxruntime as ort  # here, not at the top: commands that never touch ONNX need not import it
+    available = ort.get_available_providers()
+    chosen = []
+    if str(device).lower() != "cpu":
+        chosen = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available]
+        if not chosen and str(device).lower() != "auto":
+            why = (f"--device {device}: this ONNX Runtime has no CUDA/TensorRT provider (has {', '.join(available)});"
+                   " use --device cpu, or ./setup.sh --gpu")
+            if not cpu_fallback:
+                raise BadInput(None, why)
+            logger.warning("%s; ONNX Runtime runs on the CPU", why)
+    return chosen + ["CPUExecutionProvider"]
+
+
 def output_file(text: str) -> str:
     """argparse type for ``--out FILE``: refused before any work when it names a folder or sits under a file."""
-    import argparse
 
     from lpr4m.io import check_output_file
     try:

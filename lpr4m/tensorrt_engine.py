@@ -67,7 +67,7 @@ def quantize_int8(src, dst, batches: Iterable[np.ndarray], input_name: str = "im
 
     TensorRT's explicit quantization wants symmetric ranges (zero points 0), int8 weights per output channel and
     float biases. Only the inputs of convolutions and matrix products are quantized: everything else stays float,
-    as do the detector's box decoding and the embedder's normalisation. MinMax ranges: on the bundled detector
+    the detector's box decoding included. MinMax ranges: on the bundled detector
     they kept more AP than entropy or percentile ranges (weights/README.md). ``src``'s metadata is carried over.
     """
     import onnx
@@ -161,7 +161,10 @@ class EngineRunner:
         import tensorrt as trt
         import torch
         self.torch = torch
-        self.device = torch.device(torch_device("0" if str(device).lower() in ("cpu", "auto") else str(device)))
+        if str(device).lower() in ("cpu", "mps"):
+            raise BadInput(path, f"--device {device}: TensorRT engines run on a CUDA GPU (--device 0, cuda:N or "
+                                 "auto); use the .onnx or .safetensors weights on the CPU")
+        self.device = torch.device(torch_device("0" if str(device).lower() == "auto" else str(device)))
         with torch.cuda.device(self.device):
             self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))  # kept: it must outlive the engine
             self.engine = self.runtime.deserialize_cuda_engine(path.read_bytes())

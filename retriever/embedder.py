@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lpr4m.cli import onnx_providers, torch_device
 from lpr4m.errors import BadInput
 from lpr4m.io import sha256_file
 from retriever.config import EmbedderConfig, config_path_for
@@ -80,7 +81,7 @@ class TorchBackend:
     def __init__(self, model, device: str = "cpu"):
         import torch
         self.torch = torch
-        self.device = torch.device(device)
+        self.device = torch.device(torch_device(device))
         self.model = model.to(self.device).eval()
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
@@ -91,11 +92,7 @@ class TorchBackend:
 class OnnxBackend:
     def __init__(self, path, device: str = "cpu"):
         import onnxruntime as ort
-        available = ort.get_available_providers()
-        wanted = ["CPUExecutionProvider"]
-        if device.startswith("cuda"):
-            wanted = ["TensorrtExecutionProvider", "CUDAExecutionProvider"] + wanted
-        providers = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
+        providers = onnx_providers(device)
         so = ort.SessionOptions()
         so.log_severity_level = 3
         # no busy-waiting between ops: the pipeline decodes video in a thread beside the model (CPU, 2 cores)

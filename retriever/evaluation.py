@@ -259,9 +259,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from retriever.embedder import load_embedder
     problems = Problems(strict=args.strict)
     ds = Dataset(args.data, problems)
-    device = torch_device(args.device)
+    # each runtime resolves --device itself: "auto" is a GPU for torch when CUDA is there, and for ONNX Runtime
+    # only when it has a CUDA provider (resolving it here for torch would make ONNX Runtime refuse a plain "cuda")
+    device = args.device
     if args.frozen_backbone:
-        embedder = frozen_embedder(args.frozen_backbone, args.input_size, device)
+        embedder = frozen_embedder(args.frozen_backbone, args.input_size, torch_device(device))
         args.weights = f"frozen:{args.frozen_backbone}"
     else:
         embedder = load_embedder(args.weights, device=device)

@@ -97,10 +97,10 @@ def export_onnx(weights, out=None, opset: int = 17, batch: int = 2, precision: s
             "seconds": round(time.perf_counter() - t0, 2)}
 
 
-def export_engine(weights, out=None, precision: str = "fp16", max_batch: int = 64, opt_batch: int = 32,
+def export_engine(weights, out=None, precision: str | None = None, max_batch: int = 64, opt_batch: int = 32,
                   workspace_gb: float = 2.0) -> dict:
-    """TensorRT engine built on this machine's GPU from a fresh ONNX export in ``precision`` (or from an .onnx
-    file as it is), parity-checked against PyTorch (or that file in ONNX Runtime)."""
+    """TensorRT engine built on this machine's GPU from a fresh ONNX export in ``precision`` (default fp16), or
+    from an .onnx file in its own precision; parity-checked against PyTorch (or that file in ONNX Runtime)."""
     import tempfile
 
     from lpr4m import tensorrt_engine
@@ -108,6 +108,13 @@ def export_engine(weights, out=None, precision: str = "fp16", max_batch: int = 6
     weights = Path(weights)
     config = read_config(weights)
     source_sha = config.sha256
+    if weights.suffix == ".onnx":
+        own = config.extra.get("precision", "fp32")
+        if precision not in (None, own):
+            raise BadInput(weights, f"--precision {precision}: this ONNX file is {own} (an engine keeps its file's "
+                                    "precision; export the .safetensors instead)")
+        precision = own
+    precision = precision or "fp16"
     out = Path(out) if out else weights.with_suffix(".engine")
     s, opt_batch = config.input_size, min(opt_batch, max_batch)
     with tempfile.TemporaryDirectory() as tmpdir:
@@ -127,12 +134,11 @@ def export_engine(weights, out=None, precision: str = "fp16", max_batch: int = 6
                 return model(torch.from_numpy(b)).numpy()
     xp = _parity_input(config, 5, seed=1)
     parity = min_cosine(tensorrt_engine.EngineRunner(out)(xp), ref_fn(xp))
-    if model is None:
-        precision = "as in the ONNX file"
-    tol = PARITY_MIN_COSINE.get(precision, PARITY_MIN_COSINE["fp16"])
+    tol = PARITY_MIN_COSINE[precision]
     if parity < tol:
         out.unlink()
         raise RuntimeError(f"TensorRT parity check failed: min cosine {parity:.6f} < {tol}")
+    config.extra["precision"] = precision
     if model is None:  # built from an .onnx: its sidecar already holds the pooling head
         config.format = "engine"
         config.sha256 = sha256_file(out)
@@ -170,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise BadInput(weights, "--format onnx exports a .safetensors embedder")
         result = export_onnx(weights, args.output, args.opset, precision=args.precision or "fp32")
     else:
-        result = export_engine(weights, args.output, args.precision or "fp16", max_batch=args.max_batch)
+        result = export_engine(weights, args.output, args.precision, max_batch=args.max_batch)
     result["fingerprint"] = load_embedder(result["path"]).fingerprint if args.format == "onnx" else None
     emit_json(result, args.out)
     return 0

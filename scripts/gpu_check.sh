@@ -75,7 +75,8 @@ step det_eval_lite0 0 "$PY" detector/evaluate.py --data "$DATA" --weights "${LIT
 step det_eval_gpu 0 "$PY" detector/evaluate.py --data "$DATA" --weights "$DET" --device 0
 step det_eval_cpu 0 "$PY" detector/evaluate.py --data "$DATA" --weights "$DET" --device cpu
 step det_onnx 0 "$PY" detector/export.py --weights "$DET" --format onnx
-step det_eval_onnx 0 "$PY" detector/evaluate.py --data "$DATA" --weights "${DET%.safetensors}.onnx" --device 0
+# auto: ONNX Runtime's CUDA provider where onnxruntime-gpu is installed, else its CPU (--device 0 is refused there)
+step det_eval_onnx 0 "$PY" detector/evaluate.py --data "$DATA" --weights "${DET%.safetensors}.onnx" --device auto
 # an interrupted GPU run (SIGINT after DET_KILL_S seconds) resumes where it stopped
 if wanted det_resume; then
     timeout -s INT "${DET_KILL_S:-40}" "$PY" detector/train.py --data "$DATA" --preset gpu \

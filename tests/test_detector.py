@@ -492,6 +492,15 @@ def test_onnx_on_a_gpu_this_onnx_runtime_lacks_is_refused(tmp_path):
     assert load_detector(onnx_weights, device="auto").backend.providers == ["CPUExecutionProvider"]
 
 
+def test_int8_calibration_takes_test_frames_when_training_frames_are_absent(lpr4m_mini, tmp_path):
+    from detector.exporting import calibration_batches
+    root = tmp_path / "ds"  # a test-only download: annotations list training clips whose frames are not there
+    shutil.copytree(lpr4m_mini / "annotations", root / "annotations")
+    os.symlink(lpr4m_mini / "query", root / "query")
+    batches = list(calibration_batches(root, 64, n_frames=5, batch=2))
+    assert [b.shape for b in batches] == [(2, 3, 64, 64), (2, 3, 64, 64), (1, 3, 64, 64)]
+
+
 def test_detect_api_shapes_and_batching(trained):
     from detector import Detections, load_detector
     det = load_detector(trained.weights, conf=0.01)
