@@ -33,7 +33,7 @@ from typing import Iterable, Iterator
 
 from lpr4m.cli import progress
 from lpr4m.errors import BadInput, Problems
-from lpr4m.io import atomic_write, read_json, write_json
+from lpr4m.io import atomic_write, cache_root, read_json, write_json
 from lpr4m.ids import parse_frame_id
 from lpr4m.images import frame_problem
 from lpr4m.layout import Dataset
@@ -71,7 +71,6 @@ def cache_key(ds: Dataset, frames_per_clip: int | None = None) -> str:
 
 
 def default_cache_dir() -> Path:
-    from detector.yolo import cache_root  # only a path helper; does not import ultralytics
     return cache_root() / "detector-data"
 
 

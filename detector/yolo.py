@@ -21,18 +21,12 @@ from textwrap import shorten
 from typing import Any, Callable
 
 from lpr4m.errors import BadInput
-from lpr4m.io import sha256_file  # noqa: F401 (re-exported: detector code calls yolo.sha256_file)
+from lpr4m.io import cache_root, sha256_file  # noqa: F401 (sha256_file re-exported: detector code calls it here)
 
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 _READY = False
-
-
-def cache_root() -> Path:
-    """Where the project keeps generated state (dataset caches, ultralytics config): ``$LPR_CACHE_DIR`` or
-    ``~/.cache/lpr``."""
-    return Path(os.environ.get("LPR_CACHE_DIR") or Path.home() / ".cache" / "lpr").expanduser()
 
 
 def _find_font() -> Path | None:
@@ -299,7 +293,8 @@ def load_ultralytics_checkpoint(path, trust_pickle: bool = False):
             with _unsafe_loading(tasks):
                 model, _ = load_checkpoint(str(path))
         except Exception as e:  # noqa: BLE001
-            raise BadInput(path, f"not an ultralytics checkpoint ({type(e).__name__}: {shorten(str(e), 160)})") from None
+            raise BadInput(path, f"not an ultralytics checkpoint ({type(e).__name__}: {shorten(str(e), 160)})") \
+                from None
     from ultralytics.nn.tasks import DetectionModel
     if not isinstance(model, DetectionModel) or type(model).__name__ != "DetectionModel":
         raise BadInput(path, f"expected an ultralytics detection checkpoint, got a {type(model).__name__}")

@@ -171,15 +171,24 @@ def run_name(text: str) -> str:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
-def onnx_providers(device: str = "cpu", cpu_fallback: bool = False) -> list[str]:
-    """TensorRT / CUDA execution providers when a GPU is asked for, then the CPU's. A GPU this ONNX Runtime cannot
-    use is refused in one line (as the torch path refuses a missing GPU), unless ``cpu_fallback`` or ``auto``."""
+def onnx_providers(device: str = "cpu", cpu_fallback: bool = False) -> list:
+    """ONNX Runtime's TensorRT / CUDA execution providers on the asked GPU (``cuda:N`` / ``N``: that device), then
+    its CPU's. A GPU this ONNX Runtime cannot use is refused in one line (as the torch path refuses a missing GPU),
+    unless ``cpu_fallback`` or ``auto``. TensorRT's engines are cached: it would otherwise rebuild them, for
+    minutes, at every session."""
     import onnxruntime as ort  # here, not at the top: commands that never touch ONNX need not import it
+
+    from lpr4m.io import cache_root
     available = ort.get_available_providers()
+    text = str(device).strip().lower()
     chosen = []
-    if str(device).lower() != "cpu":
-        chosen = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available]
-        if not chosen and str(device).lower() != "auto":
+    if text != "cpu":
+        index = int(text.rsplit(":", 1)[1]) if re.match(r"^cuda:\d+$", text) else int(text) if text.isdigit() else 0
+        options = {"TensorrtExecutionProvider": {"device_id": index, "trt_engine_cache_enable": True,
+                                                 "trt_engine_cache_path": str(cache_root() / "onnxruntime-tensorrt")},
+                   "CUDAExecutionProvider": {"device_id": index}}
+        chosen = [(p, options[p]) for p in options if p in available]
+        if not chosen and text != "auto":
             why = (f"--device {device}: this ONNX Runtime has no CUDA/TensorRT provider (has {', '.join(available)});"
                    " use --device cpu, or ./setup.sh --gpu")
             if not cpu_fallback:

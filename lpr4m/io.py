@@ -88,6 +88,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def cache_root() -> Path:
+    """Where the project keeps generated state (dataset views, ultralytics settings, gallery indexes, TensorRT
+    engines of ONNX Runtime): ``$LPR_CACHE_DIR`` or ``~/.cache/lpr``."""
+    return Path(os.environ.get("LPR_CACHE_DIR") or Path.home() / ".cache" / "lpr").expanduser()
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file, read in chunks (weights, indexes): what configs record and loaders verify."""
     import hashlib

@@ -682,7 +682,8 @@ def report_skipped(messages: Sequence[str], total: int, strict: bool = False) ->
 
 def cache_dir() -> Path:
     """Where on-the-fly gallery indexes are cached: ``$LPR_CACHE_DIR/indexes`` or ``~/.cache/lpr/indexes``."""
-    return Path(os.environ.get("LPR_CACHE_DIR") or Path.home() / ".cache" / "lpr").expanduser() / "indexes"
+    from lpr4m.io import cache_root
+    return cache_root() / "indexes"
 
 
 def cached_index(gallery_dir, embedder, index_type: str = "flat", strict: bool = False,

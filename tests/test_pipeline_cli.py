@@ -70,6 +70,25 @@ def test_resolve_device_refuses_a_gpu_the_backend_cannot_use(monkeypatch):
         resolve_device("cpu", "tensorrt")
 
 
+def test_onnx_providers_take_the_asked_gpu_and_cache_tensorrt_engines(monkeypatch, tmp_path):
+    import onnxruntime as ort
+
+    from lpr4m.cli import onnx_providers
+    monkeypatch.setenv("LPR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert onnx_providers("cpu") == onnx_providers("auto") == ["CPUExecutionProvider"]
+    with pytest.raises(BadInput, match="no CUDA/TensorRT provider"):
+        onnx_providers("cuda:1")
+    assert onnx_providers("cuda:1", cpu_fallback=True) == ["CPUExecutionProvider"]  # the benchmark's choice
+    monkeypatch.setattr(ort, "get_available_providers",
+                        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    (trt, trt_opts), (cuda, cuda_opts), cpu = onnx_providers("cuda:1")
+    assert (trt, cuda, cpu) == ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+    assert trt_opts["device_id"] == cuda_opts["device_id"] == 1  # not GPU 0 whatever was asked
+    assert trt_opts["trt_engine_cache_enable"] and trt_opts["trt_engine_cache_path"].startswith(str(tmp_path))
+    assert onnx_providers("2")[1] == ("CUDAExecutionProvider", {"device_id": 2})
+
+
 def test_onnx_device_resolution_does_not_import_torch():
     code = ("import sys; from pipeline.backends import resolve_device; resolve_device('auto', 'onnx'); "
             "assert 'torch' not in sys.modules, 'torch imported'")
