@@ -217,6 +217,7 @@ def export_engine(weights, output=None, imgsz: int | None = None, max_batch: int
     import tempfile
 
     from detector import yolo
+    from detector.infer import read_onnx_config
     tensorrt_engine.require(weights)
     weights = Path(weights)
     output = Path(output) if output else weights.with_suffix(".engine")
@@ -228,10 +229,8 @@ def export_engine(weights, output=None, imgsz: int | None = None, max_batch: int
         built = tensorrt_engine.build_engine(onnx_info["output"], output, (1, *shape),
                                              (max(1, max_batch // 2), *shape), (max_batch, *shape), workspace_gb,
                                              device)
-    from detector.infer import load_torch_model
-    _, cfg = load_torch_model(weights, trust_pickle=trust_pickle)
-    engine_cfg = DetectorConfig(**{**cfg.to_dict(), "weights_format": "engine", "imgsz": imgsz,
-                                   "precision": precision, "sha256": yolo.sha256_file(output), "source": str(weights),
+        onnx_cfg = read_onnx_config(Path(onnx_info["output"]))  # the export's config: input size and precision
+    engine_cfg = DetectorConfig(**{**onnx_cfg.to_dict(), "weights_format": "engine", "sha256": yolo.sha256_file(output),
                                    "made_by": f"TensorRT {built['tensorrt']} {precision} on {built['gpu']}"})
     engine_cfg.save(sidecar(output))
     calibration = {k: v for k, v in onnx_info.items() if k.startswith("calibration")}

@@ -171,6 +171,9 @@ def run_name(text: str) -> str:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")  # ONNX Runtime's, in order of preference
+
+
 def onnx_providers(device: str = "cpu", cpu_fallback: bool = False) -> list:
     """ONNX Runtime's TensorRT / CUDA execution providers on the asked GPU (``cuda:N`` / ``N``: that device), then
     its CPU's. A GPU this ONNX Runtime cannot use is refused in one line (as the torch path refuses a missing GPU),
@@ -184,10 +187,10 @@ def onnx_providers(device: str = "cpu", cpu_fallback: bool = False) -> list:
     chosen = []
     if text != "cpu":
         index = int(text.rsplit(":", 1)[1]) if re.match(r"^cuda:\d+$", text) else int(text) if text.isdigit() else 0
-        options = {"TensorrtExecutionProvider": {"device_id": index, "trt_engine_cache_enable": True,
-                                                 "trt_engine_cache_path": str(cache_root() / "onnxruntime-tensorrt")},
-                   "CUDAExecutionProvider": {"device_id": index}}
-        chosen = [(p, options[p]) for p in options if p in available]
+        tensorrt_cache = {"trt_engine_cache_enable": True,
+                          "trt_engine_cache_path": str(cache_root() / "onnxruntime-tensorrt")}
+        chosen = [(p, {"device_id": index, **(tensorrt_cache if p == "TensorrtExecutionProvider" else {})})
+                  for p in GPU_PROVIDERS if p in available]
         if not chosen and text != "auto":
             why = (f"--device {device}: this ONNX Runtime has no CUDA/TensorRT provider (has {', '.join(available)});"
                    " use --device cpu, or ./setup.sh --gpu")

@@ -192,8 +192,8 @@ class EngineRunner:
         outs = []
         with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
             for i in range(0, len(batch), self.max_batch):
-                x = torch.from_numpy(np.ascontiguousarray(batch[i:i + self.max_batch])).to(self.device)
-                x = x.to(self.input_dtype)
+                x = torch.from_numpy(np.ascontiguousarray(batch[i:i + self.max_batch])).to(self.device,
+                                                                                          self.input_dtype)
                 if not self.context.set_input_shape(self.input_name, tuple(x.shape)):
                     raise BadInput(None, f"input of shape {tuple(x.shape)} is outside the engine's profile "
                                          f"(min {self.profile[0]}, max {self.profile[2]})")

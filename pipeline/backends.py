@@ -90,8 +90,10 @@ def resolve_device(device: str, backend: str) -> str:
         from lpr4m.cli import torch_device
         return "cuda" if device == "auto" else torch_device(device)
     import onnxruntime as ort  # the ONNX path never imports torch
+
+    from lpr4m.cli import GPU_PROVIDERS
     providers = ort.get_available_providers()
-    gpu = any(p in providers for p in ("CUDAExecutionProvider", "TensorrtExecutionProvider"))
+    gpu = any(p in providers for p in GPU_PROVIDERS)
     if device in ("auto", "cpu"):
         return "cuda" if device == "auto" and gpu else "cpu"
     if not re.match(r"^(cuda(:\d+)?|\d+)$", device):
