@@ -16,28 +16,26 @@ from typing import Sequence
 
 import numpy as np
 
+from detector.config import BUNDLED_WEIGHTS
 from lpr4m.cli import (Parser, device_arg, emit_json, image_size, nonnegative_int, output_file, positive_int,
                        setup_logging)
 from lpr4m.errors import BadInput
 
 logger = logging.getLogger(__name__)
 
-BUNDLED = "weights/detector.safetensors"
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python detector/bench.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--weights", help=f"our .safetensors (default: {BUNDLED}; without it, an untrained "
-                                     "--model-yaml network is timed instead)")
-    p.add_argument("--model-yaml", default="yolo11n.yaml")
+    p.add_argument("--weights", help=f"detector weights to time (default: the bundled {BUNDLED_WEIGHTS.name})")
+    p.add_argument("--model-yaml", help="time an untrained network of this model YAML instead (e.g. yolo11n.yaml)")
     p.add_argument("--imgsz", type=image_size, nargs="+", default=[320, 640])
     p.add_argument("--batch", type=positive_int, nargs="+", default=[1, 8])
     p.add_argument("--runs", type=positive_int, default=9, help="timed runs per setting (the median is reported)")
     p.add_argument("--warmup", type=nonnegative_int, default=1)
     p.add_argument("--threads", type=positive_int, default=2, help="intra-op threads for both runtimes")
     p.add_argument("--device", type=device_arg, default="cpu",
-                   help="cpu, or 0 / cuda:0 for PyTorch on the GPU and ONNX Runtime's "
-                                                   "TensorRT/CUDA providers when it has them")
+                   help="cpu, or 0 / cuda:0 for PyTorch on the GPU and ONNX Runtime's TensorRT/CUDA providers when "
+                        "it has them")
     p.add_argument("--out", type=output_file, help="write the JSON rows here instead of stdout")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -89,14 +87,16 @@ def run(args) -> dict:
     torch.set_num_threads(args.threads)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        weights = Path(args.weights or BUNDLED)
-        note = str(weights)
-        if args.weights and not weights.is_file():
-            raise BadInput(weights, "weights file not found")
-        if not weights.is_file():
-            logger.warning("%s not found; timing an untrained %s", weights, args.model_yaml)
+        if args.model_yaml:
+            if args.weights:
+                raise BadInput(args.weights, "--weights or --model-yaml (an untrained network), not both")
             weights = _untrained_weights(args.model_yaml, Path(tmp), max(args.imgsz))
             note = f"untrained {args.model_yaml}"
+        else:
+            weights = Path(args.weights or BUNDLED_WEIGHTS)
+            note = str(weights)
+            if not weights.is_file():
+                raise BadInput(weights, "weights file not found (--model-yaml yolo11n.yaml times an untrained one)")
         for imgsz in args.imgsz:
             pt = load_detector(weights, imgsz=imgsz, conf=0.25, device=args.device)
             onnx_path = Path(tmp) / f"d{imgsz}.onnx"

@@ -11,6 +11,7 @@ from lpr4m.errors import BadInput
 from lpr4m.io import read_json, write_json
 
 KIND = "lpr-detector"
+BUNDLED_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "detector.safetensors"  # from any working dir
 
 
 @dataclass

@@ -196,6 +196,8 @@ def build_yolo_dataset(ds: Dataset, cache_dir=None, workers: int | None = None, 
                     manifest["train"].get("frames", 0), manifest["val"].get("frames", 0))
         manifest["reused"] = True
         for message in manifest.get("problems", {}).get("messages", []):
+            if problems.strict:
+                raise BadInput(None, f"--strict: {message} (found when the cache {out} was built)")
             logger.warning("(cached build) %s", message)
         return YoloData(out, out / "data.yaml", manifest)
     if out.exists():  # an interrupted or forced build: start clean

@@ -18,9 +18,10 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from detector.config import BUNDLED_WEIGHTS
 from detector.metrics import coco_box_map, coco_detections, coco_ground_truth
-from lpr4m.cli import (Parser, device_arg, emit_json, fraction, image_size, output_file, positive_int, progress,
-                       setup_logging)
+from lpr4m.cli import (Parser, device_arg, emit_json, fraction, image_size, output_dir, output_file, positive_int,
+                       progress, setup_logging)
 from lpr4m.errors import BadInput, Problems
 from lpr4m.ids import parse_frame_id
 from lpr4m.images import load_rgb
@@ -33,7 +34,7 @@ logger = logging.getLogger(__name__)
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python detector/evaluate.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="LPR4M dataset root with test_frameid2gtbox and query/ frames")
-    p.add_argument("--weights", default="weights/detector.safetensors", help=".safetensors/.pt, .onnx or .engine")
+    p.add_argument("--weights", default=str(BUNDLED_WEIGHTS), help=".safetensors/.pt, .onnx or .engine")
     p.add_argument("--device", type=device_arg, default="auto",
                    help="cpu, 0 or cuda:N, or auto: a GPU when this machine (and, for .onnx, ONNX Runtime) has one")
     p.add_argument("--imgsz", type=image_size, help="input size (default: the one in the weights' config)")
@@ -41,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-det", type=positive_int, default=100, help="detections kept per frame (COCO AR uses 100)")
     p.add_argument("--batch", type=positive_int, default=8)
     p.add_argument("--limit", type=positive_int, help="evaluate only the first N annotated frames (quick checks)")
-    p.add_argument("--save-json", metavar="DIR", help="write COCO-format gt.json and detections.json here")
+    p.add_argument("--save-json", metavar="DIR", type=output_dir,
+                   help="write COCO-format gt.json and detections.json here")
     p.add_argument("--trust-pickle", action="store_true", help="allow unpickling a .pt the safe loader refuses")
     p.add_argument("--strict", action="store_true", help="stop at the first missing or corrupt frame")
     p.add_argument("--out", type=output_file, help="write the JSON result here instead of stdout")

@@ -200,9 +200,9 @@ class OnnxBackend:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_wait else "0")
         if threads:
             opts.intra_op_num_threads = threads
+        providers = onnx_providers(device, cpu_fallback)  # its refusal is about --device, not the file
         try:
-            self.session = ort.InferenceSession(str(path), sess_options=opts,
-                                                providers=onnx_providers(device, cpu_fallback))
+            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise BadInput(path, f"not a loadable ONNX model ({type(e).__name__}: {shorten(str(e), 160)})") from None
         inp = self.session.get_inputs()[0]
@@ -286,12 +286,12 @@ def load_detector(weights, device: str = "cpu", conf: float = 0.25, imgsz: int |
         cfg = read_onnx_config(weights)
         backend = OnnxBackend(weights, device, spin_wait=spin_wait)
     elif suffix == ".engine":
+        from lpr4m.tensorrt_engine import EngineRunner
+        backend = EngineRunner(weights, device)  # first: where TensorRT cannot run, that is what to say
         cfg_path = sidecar(weights)
         if not cfg_path.is_file():
             raise BadInput(weights, f"missing its config {cfg_path.name} (export writes it beside the engine)")
         cfg = DetectorConfig.load(cfg_path)
-        from lpr4m.tensorrt_engine import EngineRunner
-        backend = EngineRunner(weights, device)
     else:
         raise BadInput(weights, "unknown detector weights type (expected .safetensors, .pt, .onnx or .engine)")
     return Detector(backend, cfg, conf=conf, imgsz=imgsz, batch_size=batch_size)

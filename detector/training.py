@@ -39,6 +39,7 @@ HYP: dict[str, dict] = {"cpu": dict(nbs="batch", mosaic=0.0), "gpu": {}, "tiny":
 KNOBS = ("model", "epochs", "imgsz", "batch", "device", "workers", "patience", "close_mosaic", "cache", "warmup_epochs",
          "frames_per_clip", "hours")
 LOG_EVERY = 20  # batches between training log lines
+RESUME_FLAGS = ("resume", "runs_dir", "device", "batch", "workers", "out", "verbose")  # a resumed run may change
 
 
 def _batch_size(text: str) -> int:
@@ -277,6 +278,9 @@ def train(args: argparse.Namespace, callbacks: dict | None = None) -> dict:
                                  "start a new run, e.g. with --model " + str(run_dir / "weights" / "detector.safetensors"))
         overrides = {k: knobs[k] for k in ("device", "batch", "workers") if getattr(args, k, None) is not None}
         config = read_json(run_dir / "config.json", expect=dict) if (run_dir / "config.json").is_file() else {}
+        if overrides and config:  # the record says what the rest of the run trained with
+            config.setdefault("resumed_with", []).append(overrides)
+            write_json(run_dir / "config.json", config)
         logger.info("resuming %s", run_dir)
         try:
             yolo.train("", Path(), runs_dir, run_dir.name, overrides, _callbacks(None, callbacks), resume=last)
@@ -312,7 +316,14 @@ def train(args: argparse.Namespace, callbacks: dict | None = None) -> dict:
 
 def main(argv: Sequence[str] | None = None, callbacks: dict | None = None) -> int:
     """Train the detector; prints a JSON summary (run folder, weights, metrics)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.resume:
+        fixed = [k for k, v in vars(args).items() if k not in RESUME_FLAGS and v != parser.get_default(k)]
+        if fixed:
+            raise BadInput(None, f"--resume continues a run with its recorded settings: drop "
+                                 f"{', '.join('--' + k.replace('_', '-') for k in fixed)} (a resume may change only "
+                                 "--device, --batch and --workers)")
     args.argv = list(sys.argv[1:] if argv is None else argv)
     setup_logging(args.verbose)
     result = train(args, callbacks)

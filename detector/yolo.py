@@ -71,6 +71,7 @@ def ul():
         # ultralytics replaces PIL's Image.open process-wide with one that, on an unreadable image, tries to
         # install and import pi-heif; mark that done so corrupt frames stay a plain UnidentifiedImageError
         patches._pil_plugins_registered = True
+        _never_rewrite_frames()
         # our commands print their JSON result on stdout: ultralytics' log lines go to stderr instead
         for handler in logging.getLogger("ultralytics").handlers:
             if isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) is sys.stdout:
@@ -86,6 +87,24 @@ def ul():
         return ultralytics
     import ultralytics
     return ultralytics
+
+
+def _never_rewrite_frames() -> None:
+    """ultralytics' label scan re-encodes a JPEG without its end marker in place: through the dataset cache's links,
+    that is the user's own frame. Such a frame (changed since the cache was built, which checked it) is skipped as
+    corrupt instead; the scan's log names it."""
+    from ultralytics.data import utils
+
+    from lpr4m.images import frame_problem
+    check_image = utils.check_image
+
+    def check_image_read_only(im_file):
+        problem = frame_problem(im_file)
+        if problem:
+            raise AssertionError(f"{problem[1]} (left unchanged: a dataset frame)")
+        return check_image(im_file)
+
+    utils.check_image = check_image_read_only
 
 
 def _register_backbones() -> None:
@@ -283,6 +302,8 @@ def load_ultralytics_checkpoint(path, trust_pickle: bool = False):
     try:
         model, _ = load_checkpoint(str(path))
     except Exception as safe_err:  # noqa: BLE001 - any refusal of the restricted loader
+        if _loads_safely(path):  # no unpickling needed: just not what ultralytics saves
+            raise BadInput(path, "not an ultralytics checkpoint (no model in it; a bare state dict?)") from None
         if not (trust_pickle or is_trusted(path)):
             raise BadInput(path, "this .pt checkpoint needs full unpickling, which can run arbitrary code; refused "
                                  f"({type(safe_err).__name__}). If you trust its source, pass --trust-pickle or "
@@ -299,6 +320,15 @@ def load_ultralytics_checkpoint(path, trust_pickle: bool = False):
     if not isinstance(model, DetectionModel) or type(model).__name__ != "DetectionModel":
         raise BadInput(path, f"expected an ultralytics detection checkpoint, got a {type(model).__name__}")
     return model.float()
+
+
+def _loads_safely(path: Path) -> bool:
+    import torch
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - any refusal of torch's restricted loader
+        return False
+    return True
 
 
 @contextlib.contextmanager

@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import sys
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from lpr4m.errors import BadInput
@@ -208,6 +209,17 @@ def output_file(text: str) -> str:
         check_output_file(text)
     except BadInput as err:
         raise argparse.ArgumentTypeError(err.message) from None
+    return text
+
+
+def output_dir(text: str) -> str:
+    """argparse type for an output folder (``--save-json DIR``): refused before any work when it is a file or sits
+    under one."""
+    from lpr4m.io import check_output_file
+    try:
+        check_output_file(Path(text) / "_")  # as the parent of a file written there
+    except BadInput as err:
+        raise argparse.ArgumentTypeError(err.message.replace("cannot create it: ", "")) from None
     return text
 
 

@@ -33,7 +33,7 @@ def available() -> tuple[bool, str]:
     try:
         import tensorrt  # noqa: F401
     except ImportError:
-        return False, "the tensorrt package is not installed (./setup.sh --gpu on a machine with an NVIDIA GPU)"
+        return False, "the tensorrt package is not installed, which ./setup.sh --gpu does on a machine with one"
     import torch
     if not torch.cuda.is_available():
         return False, "no CUDA device is visible"
@@ -44,6 +44,18 @@ def require(path) -> None:
     ok, why = available()
     if not ok:
         raise BadInput(path, f"TensorRT engines need an NVIDIA GPU with TensorRT: {why}")
+
+
+def cuda_device(device, path=None):
+    """The torch CUDA device an engine is built or run on for ``--device`` text (auto: GPU 0); cpu and mps are
+    refused before anything is built."""
+    import torch
+    text = str(device).strip().lower()
+    if text in ("cpu", "mps"):
+        raise BadInput(path, f"--device {device}: TensorRT engines build and run on a CUDA GPU (--device 0, cuda:N "
+                             "or auto); use the .onnx or .safetensors weights on the CPU")
+    gpu = torch.device(torch_device("0" if text in ("auto", "cuda") else text))
+    return gpu if gpu.index is not None else torch.device("cuda", 0)
 
 
 def half_precision(net):
@@ -116,13 +128,14 @@ def _network_flags(trt) -> int:
 
 
 def build_engine(onnx_path, out, min_shape: tuple, opt_shape: tuple, max_shape: tuple, workspace_gb: float = 4.0,
-                 device: str = "0") -> dict:
-    """Serialize a strongly typed engine for ``onnx_path`` on this machine's GPU (atomically, to ``out``)."""
+                 device: str = "0", precision: str = "fp16") -> dict:
+    """Serialize a strongly typed engine for ``onnx_path`` on this machine's GPU (atomically, to ``out``).
+    ``precision`` is the file's; for fp32, TensorRT's default TF32 (10-bit mantissa) convolutions and matrix
+    products are turned off."""
     require(onnx_path)
     import tensorrt as trt
     import torch
-    gpu = torch.device(torch_device(str(device)))
-    torch.cuda.set_device(0 if gpu.index is None else gpu.index)  # TensorRT builds on the current device
+    torch.cuda.set_device(cuda_device(device, onnx_path))  # TensorRT builds on the current device
     log = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(log)
     network = builder.create_network(_network_flags(trt))
@@ -132,6 +145,8 @@ def build_engine(onnx_path, out, min_shape: tuple, opt_shape: tuple, max_shape: 
         raise BadInput(onnx_path, f"TensorRT could not parse the ONNX file: {shorten(errors, 300)}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+    if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)
     profile = builder.create_optimization_profile()
     profile.set_shape(network.get_input(0).name, tuple(min_shape), tuple(opt_shape), tuple(max_shape))
     config.add_optimization_profile(profile)
@@ -156,15 +171,12 @@ class EngineRunner:
         path = Path(path)
         ok, why = available()
         if not ok:
-            raise BadInput(path, f"TensorRT engines need an NVIDIA GPU with TensorRT ({why}); "
+            raise BadInput(path, f"TensorRT engines need an NVIDIA GPU with TensorRT: {why}; "
                                  "use the .onnx or .safetensors weights here")
         import tensorrt as trt
         import torch
         self.torch = torch
-        if str(device).lower() in ("cpu", "mps"):
-            raise BadInput(path, f"--device {device}: TensorRT engines run on a CUDA GPU (--device 0, cuda:N or "
-                                 "auto); use the .onnx or .safetensors weights on the CPU")
-        self.device = torch.device(torch_device("0" if str(device).lower() == "auto" else str(device)))
+        self.device = cuda_device(device, path)
         with torch.cuda.device(self.device):
             self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))  # kept: it must outlive the engine
             self.engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
@@ -192,8 +204,8 @@ class EngineRunner:
         outs = []
         with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
             for i in range(0, len(batch), self.max_batch):
-                x = torch.from_numpy(np.ascontiguousarray(batch[i:i + self.max_batch])).to(self.device,
-                                                                                          self.input_dtype)
+                chunk = np.ascontiguousarray(batch[i:i + self.max_batch])
+                x = torch.from_numpy(chunk).to(self.device, self.input_dtype)
                 if not self.context.set_input_shape(self.input_name, tuple(x.shape)):
                     raise BadInput(None, f"input of shape {tuple(x.shape)} is outside the engine's profile "
                                          f"(min {self.profile[0]}, max {self.profile[2]})")

@@ -20,8 +20,7 @@ import torch
 
 from lpr4m.cli import Parser, emit_json, output_file, positive_int, setup_logging
 from lpr4m.errors import BadInput
-from lpr4m.io import atomic_path
-from lpr4m.io import sha256_file
+from lpr4m.io import atomic_path, sha256_file
 from retriever.config import config_path_for
 from retriever.embedder import build_model, load_embedder, pool_params_from_model, read_config
 from retriever.models.same_pad import constant_same_pads, drop_trailing_empty_inputs
@@ -86,8 +85,7 @@ def export_onnx(weights, out=None, opset: int = 17, batch: int = 2, precision: s
         sess = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
         y_ort = sess.run(None, {"images": xp})[0]
         parity = min_cosine(y_ort, y_pt)
-        if parity < PARITY_MIN_COSINE[precision]:
-            raise RuntimeError(f"ONNX parity check failed: min cosine {parity:.6f} < {PARITY_MIN_COSINE[precision]}")
+        _require_parity(parity, precision, out)
     config.extra["precision"] = precision
     _write_sidecar(config, model, out, "onnx", source_sha, parity)
     logger.info("ONNX export %s (%.1f MB) in %.1f s, parity min cosine %.6f", out, out.stat().st_size / 1e6,
@@ -95,6 +93,12 @@ def export_onnx(weights, out=None, opset: int = 17, batch: int = 2, precision: s
     return {"format": "onnx", "path": str(out), "precision": precision, "parity_min_cosine": parity,
             "size_mb": out.stat().st_size / 1e6,
             "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _require_parity(min_cos: float, precision: str, out) -> None:
+    if min_cos < PARITY_MIN_COSINE[precision]:
+        raise BadInput(out, f"not written: {precision} export's embeddings differ from PyTorch's (min cosine "
+                            f"{min_cos:.6f} < {PARITY_MIN_COSINE[precision]})")
 
 
 def export_engine(weights, out=None, precision: str | None = None, max_batch: int = 64, opt_batch: int = 32,
@@ -123,21 +127,19 @@ def export_engine(weights, out=None, precision: str | None = None, max_batch: in
         else:
             onnx_path = Path(export_onnx(weights, Path(tmpdir) / "model.onnx", precision=precision)["path"])
             model = build_model(config, weights).eval()
-        built = tensorrt_engine.build_engine(onnx_path, out, (1, 3, s, s), (opt_batch, 3, s, s), (max_batch, 3, s, s),
-                                             workspace_gb)
-    if model is None:
-        from retriever.embedder import OnnxBackend
-        ref_fn = OnnxBackend(weights)
-    else:
-        def ref_fn(b):
-            with torch.inference_mode():
-                return model(torch.from_numpy(b)).numpy()
-    xp = _parity_input(config, 5, seed=1)
-    parity = min_cosine(tensorrt_engine.EngineRunner(out)(xp), ref_fn(xp))
-    tol = PARITY_MIN_COSINE[precision]
-    if parity < tol:
-        out.unlink()
-        raise RuntimeError(f"TensorRT parity check failed: min cosine {parity:.6f} < {tol}")
+        if model is None:
+            from retriever.embedder import OnnxBackend
+            ref_fn = OnnxBackend(weights)
+        else:
+            def ref_fn(b):
+                with torch.inference_mode():
+                    return model(torch.from_numpy(b)).numpy()
+        xp = _parity_input(config, 5, seed=1)
+        with atomic_path(out) as staged:  # checked before it replaces an engine already at ``out``
+            built = tensorrt_engine.build_engine(onnx_path, staged, (1, 3, s, s), (opt_batch, 3, s, s),
+                                                 (max_batch, 3, s, s), workspace_gb, precision=precision)
+            parity = min_cosine(tensorrt_engine.EngineRunner(staged)(xp), ref_fn(xp))
+            _require_parity(parity, precision, out)
     config.extra["precision"] = precision
     if model is None:  # built from an .onnx: its sidecar already holds the pooling head
         config.format = "engine"

@@ -3,6 +3,7 @@ with ``--strict``, and the CLI exits 2 without a traceback."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -213,6 +214,10 @@ def test_output_paths_are_checked_before_work_and_os_errors_are_one_line(tmp_pat
         with pytest.raises(Exception, match=msg):  # argparse.ArgumentTypeError
             output_file(str(bad))
     assert output_file(str(tmp_path / "new" / "x.json"))
+    from lpr4m.cli import output_dir
+    with pytest.raises(Exception, match=f"{a_file} is a file, not a folder"):
+        output_dir(str(a_file))
+    assert output_dir(str(tmp_path / "new"))
 
     def fails(argv):
         open(tmp_path / "missing" / "x.txt")  # an OSError that names its file
@@ -220,6 +225,19 @@ def test_output_paths_are_checked_before_work_and_os_errors_are_one_line(tmp_pat
     assert run_main(fails) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"error: {tmp_path / 'missing' / 'x.txt'}: No such file or directory"
+
+
+def test_atomic_outputs_get_the_usual_mode_whoever_writes_them(tmp_path):
+    """safetensors creates its file 0600: published weights must be readable as any file the user writes."""
+    import torch
+    from safetensors.torch import save_file
+
+    from lpr4m.io import atomic_path
+    umask = os.umask(0)
+    os.umask(umask)
+    with atomic_path(tmp_path / "w.safetensors") as tmp:
+        save_file({"w": torch.zeros(2)}, str(tmp))
+    assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_torch_device_refuses_a_gpu_that_is_not_there():

@@ -148,8 +148,21 @@ def test_dataset_counts_missing_and_corrupt_frames_and_leaves_them_out(lpr4m_min
     caplog.clear()
     assert build_yolo_dataset(Dataset(root), tmp_path / "cache", workers=1).manifest["reused"]
     assert "(cached build) train: 2 corrupt frame(s) skipped" in caplog.text
+    with pytest.raises(BadInput, match=r"--strict: train: 2 \w+ frame\(s\) skipped.*found when the cache .* built"):
+        build_yolo_dataset(Dataset(root), tmp_path / "cache", workers=1, problems=Problems(strict=True))
     listed = data.train_list.read_text()
     assert garbage.name not in listed and padded.name not in listed
+    # a listed frame padded after the cache was built: ultralytics' scan skips it and leaves the user's file alone
+    from detector import yolo
+    yolo.ul()
+    from ultralytics.data.utils import verify_image_label
+    image = data.root / listed.splitlines()[0]
+    frame = image.resolve()
+    frame.write_bytes(frame.read_bytes() + b"\0" * 16)
+    changed = frame.read_bytes()
+    label = str(image.with_suffix(".txt")).replace("/images/", "/labels/")
+    scan = verify_image_label((str(image), label, "", False, 1, 0, 0, True))
+    assert scan[8] == 1 and "left unchanged" in scan[9] and frame.read_bytes() == changed  # counted corrupt
     assert data.manifest["train"]["frames"] == sum(len(c.frame_ids) for c in clips) - 4
     with pytest.raises(BadInput, match=r"-0000\.jpg: missing frame: not found \(2 in the train split\)"):
         build_yolo_dataset(Dataset(root), tmp_path / "cache", workers=1, problems=Problems(strict=True), rebuild=True)
@@ -244,6 +257,10 @@ def test_resume_of_finished_run_is_refused(trained, capsys):
     from detector import training
     assert run_main(training.main, ["--resume", str(trained.run_dir), "--runs-dir", str(trained.runs)]) == 2
     assert "cannot resume" in capsys.readouterr().err
+    # settings a resume would silently drop (ultralytics keeps the checkpoint's) are refused by name
+    assert run_main(training.main, ["--resume", str(trained.run_dir), "--epochs", "5", "--imgsz", "96",
+                                    "--batch", "4"]) == 2
+    assert "drop --epochs, --imgsz (a resume may change only" in capsys.readouterr().err
 
 
 def test_start_weights_from_safetensors_load_safely(trained, tmp_path):
@@ -445,6 +462,13 @@ def test_half_and_int8_onnx_are_the_files_tensorrt_11_builds(trained, tmp_path, 
     assert graph.input[0].type.tensor_type.elem_type == float32 == graph.output[0].type.tensor_type.elem_type
     conv_weights = {n.input[1] for n in graph.node if n.op_type == "Conv"}
     assert {i.data_type for i in graph.initializer if i.name in conv_weights} == {float16}
+    typed = onnx.shape_inference.infer_shapes(onnx.load(str(half))).graph
+    elem = {v.name: v.type.tensor_type.elem_type for v in typed.value_info}
+    made_by = {o: n for n in typed.node for o in n.output}
+    node = made_by[typed.output[0].name]
+    while node.op_type != "Concat":  # the head's last Concat joins decoded boxes (px) and class scores
+        node = made_by[node.input[0]]
+    assert elem[node.input[0]] == float32, "box decoding in fp16 (ultralytics halves the head's cached anchors)"
     p = exporting.parity(weights, half, imgsz=imgsz, frames=frames, conf=0.01, precision="fp16")
     assert p["boxes"] > 0 and p["ok"], p
     assert load_detector(half).config.precision == "fp16"
@@ -478,6 +502,35 @@ def test_half_and_int8_onnx_are_the_files_tensorrt_11_builds(trained, tmp_path, 
     # a floor, not a target (its AP is evaluate.py's to measure): wrong scales or a wrongly fed calibration give
     # scores unrelated to the float model's
     assert np.corrcoef(scores_q, scores_ref)[0, 1] > 0.5
+
+
+def test_export_outside_parity_tolerance_is_not_written(trained, tmp_path, capsys, monkeypatch):
+    """An export that differs from PyTorch beyond tolerance (here: zero tolerance, which the real float differences
+    exceed) is refused before it replaces the file already at --output; --no-check writes it."""
+    from detector import exporting
+    out = tmp_path / "d.onnx"
+    out.write_bytes(b"the previous export")
+    monkeypatch.setitem(exporting.PARITY_TOLERANCE, "fp32", (0.0, 0.0))
+    args = ["--weights", str(trained.weights), "--imgsz", "64", "--output", str(out)]
+    assert run_main(exporting.main, args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {out}: not written: fp32 export differs from PyTorch") and "\n" not in err
+    assert out.read_bytes() == b"the previous export" and list(tmp_path.iterdir()) == [out]
+    assert run_main(exporting.main, [*args, "--no-check"]) == 0
+    assert "parity" not in json.loads(capsys.readouterr().out) and out.read_bytes()[:8] != b"the prev"
+
+
+def test_engine_device_must_be_a_cuda_gpu():
+    from lpr4m.tensorrt_engine import cuda_device
+    for device in ("cpu", "mps"):
+        with pytest.raises(BadInput, match="TensorRT engines build and run on a CUDA GPU"):
+            cuda_device(device, "d.engine")
+    import torch
+    if torch.cuda.is_available():
+        assert cuda_device("auto") == cuda_device("cuda") == torch.device("cuda", 0)
+    else:
+        with pytest.raises(BadInput, match="GPU"):
+            cuda_device("auto")
 
 
 def test_onnx_on_a_gpu_this_onnx_runtime_lacks_is_refused(tmp_path):

@@ -172,6 +172,17 @@ def test_onnx_export_parity(trained, tmp_path, capsys, ort_ops):
     assert run_main(export_main, ["--weights", str(tmp_path / "emb.onnx"), "--format", "onnx"]) == 2
 
 
+def test_export_below_parity_is_not_written(trained, tmp_path, capsys, monkeypatch):
+    """An export whose embeddings a cosine floor above 1 refuses is not written over the file at --output."""
+    from retriever import exporting
+    out = tmp_path / "emb.onnx"
+    out.write_bytes(b"the previous export")
+    monkeypatch.setitem(exporting.PARITY_MIN_COSINE, "fp32", 1.1)
+    assert run_main(export_main, ["--weights", trained["weights"], "--output", str(out)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {out}: not written: fp32 export's embeddings differ")
+    assert out.read_bytes() == b"the previous export" and list(tmp_path.iterdir()) == [out]
+
+
 def test_half_precision_onnx_is_an_fp16_graph_with_float32_io(trained, tmp_path):
     """What a TensorRT 11 fp16 engine is built from (it has no FP16 builder flag): checked here in ONNX Runtime."""
     import onnx
