@@ -10,8 +10,9 @@ Layout of a cache entry ``<cache>/<key>/``::
 
 Ultralytics finds a label by replacing ``/images/`` with ``/labels/`` in the image path, which is why images are
 reached through the symlinked ``images/`` tree. The key hashes the dataset root and the size and mtime of the
-annotation files, so a changed annotation rebuilds and an unchanged one is reused. Rows are streamed and written by
-a process pool in chunks; memory holds one chunk, never the whole list (the test boxes JSON is read whole).
+annotation files, so a changed annotation rebuilds and an unchanged one is reused, unless a listed frame's size or
+mtime changed (``frames_fingerprint``). Rows are streamed and written by a process pool in chunks; memory holds one
+chunk, never the whole list (the test boxes JSON is read whole).
 Missing, empty and corrupt frames (``lpr4m.images.frame_problem``: header and end marker, no decode) are left out
 and counted, so ultralytics' label scan never meets a JPEG with bytes after its end marker, which it re-encodes in
 place: in the user's dataset, through the links.
@@ -40,7 +41,7 @@ from lpr4m.layout import Dataset
 
 logger = logging.getLogger(__name__)
 
-BUILD_VERSION = 2  # 2: corrupt frames (and JPEGs that do not end with an end marker) are left out and counted
+BUILD_VERSION = 3  # 2: corrupt frames (and JPEGs without their end marker) left out and counted; 3: frame fingerprint
 CHUNK = 256  # clips per worker task
 MIN_SIDE = 1e-6  # boxes thinner than this (normalised) carry no signal and break YOLO's xywh
 
@@ -68,6 +69,27 @@ def cache_key(ds: Dataset, frames_per_clip: int | None = None) -> str:
             st = p.stat()
             h.update(f"|{p.name}|{st.st_size}|{st.st_mtime_ns}".encode())
     return h.hexdigest()[:16]
+
+
+def frames_fingerprint(view: Path) -> str | None:
+    """A hash of the size and mtime of every frame the view lists. The cache key covers the annotation files only;
+    this lets a reuse see frames replaced, cut short or deleted since the build (which checked them), for one stat
+    a frame instead of the build's reads. None for a view whose lists are gone."""
+    h = hashlib.blake2b(digest_size=16)
+    root = str(view)
+    for split in ("train", "val"):
+        try:
+            f = open(os.path.join(root, f"{split}.txt"), encoding="utf-8")
+        except OSError:
+            return None
+        with f:
+            for line in f:
+                try:
+                    st = os.stat(os.path.join(root, line.rstrip("\n")))
+                    h.update(b"%d,%d;" % (st.st_size, st.st_mtime_ns))
+                except FileNotFoundError:
+                    h.update(b"missing;")
+    return h.hexdigest()
 
 
 def default_cache_dir() -> Path:
@@ -192,6 +214,9 @@ def build_yolo_dataset(ds: Dataset, cache_dir=None, workers: int | None = None, 
     manifest_path = out / "manifest.json"
     if manifest_path.is_file() and not rebuild:
         manifest = read_json(manifest_path, expect=dict)
+        if manifest.get("frames_fingerprint") != frames_fingerprint(out):
+            logger.warning("frames of %s changed since its YOLO view %s was built: rebuilding it", ds.root, out)
+            return build_yolo_dataset(ds, cache_dir, workers, problems, True, frames_per_clip)
         logger.info("reusing YOLO dataset cache %s (%d train / %d val frames)", out,
                     manifest["train"].get("frames", 0), manifest["val"].get("frames", 0))
         manifest["reused"] = True
@@ -200,25 +225,43 @@ def build_yolo_dataset(ds: Dataset, cache_dir=None, workers: int | None = None, 
                 raise BadInput(None, f"--strict: {message} (found when the cache {out} was built)")
             logger.warning("(cached build) %s", message)
         return YoloData(out, out / "data.yaml", manifest)
-    if out.exists():  # an interrupted or forced build: start clean
+    # built beside the cache entry and renamed into place: a failed or interrupted build leaves no half entry, and
+    # a failed --rebuild-cache keeps the entry it was to replace
+    staging = out.with_name(out.name + ".partial")
+    if staging.exists():  # an interrupted build
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    try:
+        manifest = _build(ds, out, staging, workers, problems, frames_per_clip)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if out.exists():
         shutil.rmtree(out)
-    out.mkdir(parents=True)
+    os.replace(staging, out)
+    manifest["reused"] = False
+    return YoloData(out, out / "data.yaml", manifest)
+
+
+def _build(ds: Dataset, out: Path, staging: Path, workers: int | None, problems: Problems,
+           frames_per_clip: int | None) -> dict:
+    """Write the YOLO view into ``staging``; its data.yaml names ``out``, where it is moved once complete."""
     workers = max(1, workers if workers is not None else min(8, os.cpu_count() or 1))
     logger.info("building YOLO dataset cache %s from %s (%d workers)", out, ds.root, workers)
-    train = _run_split("train", _train_items(ds, problems, frames_per_clip), out, workers, problems)
+    train = _run_split("train", _train_items(ds, problems, frames_per_clip), staging, workers, problems)
     if ds.annotation("gtbox", required=False) is None:
         raise BadInput(ds.root / "annotations", "missing test_frameid2gtbox*.json (needed for validation boxes)")
-    val = _run_split("val", _val_items(ds), out, workers, problems)
+    val = _run_split("val", _val_items(ds), staging, workers, problems)
     if not train.get("frames"):
         raise BadInput(ds.annotation("training_videoinfo"), "no training frame with boxes found on disk "
                                                             "(the detection subset needs box lists and frames)")
     if not val.get("frames"):
         raise BadInput(ds.annotation("gtbox"), "no test frame listed in test_frameid2gtbox found under query/")
-    (out / "data.yaml").write_text(json.dumps({"path": str(out.resolve()), "train": "train.txt", "val": "val.txt",
-                                               "names": ["product"], "nc": 1}) + "\n", encoding="utf-8")
+    (staging / "data.yaml").write_text(json.dumps({"path": str(out.resolve()), "train": "train.txt",
+                                                   "val": "val.txt", "names": ["product"], "nc": 1}) + "\n",
+                                       encoding="utf-8")
     manifest = {"dataset": str(ds.root.resolve()), "key": out.name, "train": train, "val": val,
                 "problems": problems.as_dict(), "build_version": BUILD_VERSION,
-                "frames_per_clip": frames_per_clip}
-    write_json(manifest_path, manifest)
-    manifest["reused"] = False
-    return YoloData(out, out / "data.yaml", manifest)
+                "frames_per_clip": frames_per_clip, "frames_fingerprint": frames_fingerprint(staging)}
+    write_json(staging / "manifest.json", manifest)
+    return manifest

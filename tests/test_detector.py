@@ -164,8 +164,15 @@ def test_dataset_counts_missing_and_corrupt_frames_and_leaves_them_out(lpr4m_min
     scan = verify_image_label((str(image), label, "", False, 1, 0, 0, True))
     assert scan[8] == 1 and "left unchanged" in scan[9] and frame.read_bytes() == changed  # counted corrupt
     assert data.manifest["train"]["frames"] == sum(len(c.frame_ids) for c in clips) - 4
+    # and our next build sees it: the cache is not reused once a listed frame's size or mtime changed
+    data = build_yolo_dataset(Dataset(root), tmp_path / "cache", workers=1)
+    assert not data.manifest["reused"] and data.manifest["train"]["corrupt_frame"] == 3
+    listed = data.train_list.read_text()
+    assert image.name not in listed and build_yolo_dataset(Dataset(root), tmp_path / "cache").manifest["reused"]
     with pytest.raises(BadInput, match=r"-0000\.jpg: missing frame: not found \(2 in the train split\)"):
         build_yolo_dataset(Dataset(root), tmp_path / "cache", workers=1, problems=Problems(strict=True), rebuild=True)
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [data.root.name]  # kept; no half-built entry
+    assert data.train_list.read_text() == listed
     (root / "annotations" / "training_videoinfo.txt").unlink()
     ann.write_training_videoinfo(root / "annotations" / "training_videoinfo.txt", clips[:-1])
     with pytest.raises(BadInput, match=r"corrupt frame: not a readable image \(UnidentifiedImageError\)"):
