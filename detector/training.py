@@ -39,7 +39,7 @@ HYP: dict[str, dict] = {"cpu": dict(nbs="batch", mosaic=0.0), "gpu": {}, "tiny":
 KNOBS = ("model", "epochs", "imgsz", "batch", "device", "workers", "patience", "close_mosaic", "cache", "warmup_epochs",
          "frames_per_clip", "hours")
 LOG_EVERY = 20  # batches between training log lines
-RESUME_FLAGS = ("resume", "runs_dir", "device", "batch", "workers", "out", "verbose")  # a resumed run may change
+RESUME_FLAGS = ("resume", "runs_dir", "device", "batch", "workers", "out", "verbose", "data")  # data: checked
 
 
 def _batch_size(text: str) -> int:
@@ -278,6 +278,9 @@ def train(args: argparse.Namespace, callbacks: dict | None = None) -> dict:
                                  "start a new run, e.g. with --model " + str(run_dir / "weights" / "detector.safetensors"))
         overrides = {k: knobs[k] for k in ("device", "batch", "workers") if getattr(args, k, None) is not None}
         config = read_json(run_dir / "config.json", expect=dict) if (run_dir / "config.json").is_file() else {}
+        recorded = config.get("dataset", {}).get("root")
+        if args.data and recorded and Path(args.data).resolve() != Path(recorded):
+            raise BadInput(args.data, f"--resume continues {run_dir}, which trains on {recorded}: drop --data")
         if overrides and config:  # the record says what the rest of the run trained with
             config.setdefault("resumed_with", []).append(overrides)
             write_json(run_dir / "config.json", config)

@@ -75,7 +75,9 @@ def trained(lpr4m_mini, cache_env, tmp_path_factory):
         interrupted_rows = _rows(run_dir / "results.csv")
         assert (run_dir / "weights" / "last.pt").is_file()
         assert not (run_dir / "weights" / "detector.safetensors").exists()
-        assert run_main(training.main, ["--resume", str(run_dir), "--runs-dir", str(runs)]) == 0
+        assert run_main(training.main, ["--resume", str(run_dir), "--data", str(runs)]) == 2  # not its dataset
+        assert run_main(training.main, ["--resume", str(run_dir), "--runs-dir", str(runs), "--data",
+                                        str(lpr4m_mini)]) == 0
     return SimpleNamespace(run_dir=run_dir, runs=runs, interrupted_rows=interrupted_rows, attempts=attempts,
                            weights=run_dir / "weights" / "detector.safetensors", data=lpr4m_mini)
 
