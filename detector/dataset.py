@@ -212,11 +212,11 @@ def build_yolo_dataset(ds: Dataset, cache_dir=None, workers: int | None = None, 
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     out = cache_dir / cache_key(ds, frames_per_clip)
     manifest_path = out / "manifest.json"
-    if manifest_path.is_file() and not rebuild:
-        manifest = read_json(manifest_path, expect=dict)
-        if manifest.get("frames_fingerprint") != frames_fingerprint(out):
-            logger.warning("frames of %s changed since its YOLO view %s was built: rebuilding it", ds.root, out)
-            return build_yolo_dataset(ds, cache_dir, workers, problems, True, frames_per_clip)
+    manifest = read_json(manifest_path, expect=dict) if manifest_path.is_file() and not rebuild else None
+    if manifest is not None and manifest.get("frames_fingerprint") != frames_fingerprint(out):
+        logger.warning("frames of %s changed since its YOLO view %s was built: rebuilding it", ds.root, out)
+        manifest = None
+    if manifest is not None:
         logger.info("reusing YOLO dataset cache %s (%d train / %d val frames)", out,
                     manifest["train"].get("frames", 0), manifest["val"].get("frames", 0))
         manifest["reused"] = True

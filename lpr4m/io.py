@@ -21,13 +21,17 @@ _UMASK = _read_umask()  # read once: os.umask() briefly changes process state, n
 
 
 def _make_temp(path: Path, suffix: str) -> tuple[int, str]:
-    """mkstemp gives 0600; give the final file the mode a plain open() would (0666 minus the umask)."""
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+        return tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     except OSError as err:  # the user's path in the one-line error, not our temp name beside it
         raise OSError(err.errno, err.strerror, str(path)) from None
+
+
+def _commit(tmp: str, path: Path) -> None:
+    """Rename a finished temp file over ``path`` with the mode a plain open() would give (0666 minus the umask):
+    mkstemp makes it 0600, and so do writers that make their own file (safetensors)."""
     os.chmod(tmp, 0o666 & ~_UMASK)
-    return fd, tmp
+    os.replace(tmp, path)
 
 
 def check_output_file(path: str | os.PathLike) -> Path:
@@ -66,7 +70,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kw) -> Iterato
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        _commit(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -81,8 +85,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # writers that make their own file (safetensors: 0600) get the usual mode
-        os.replace(tmp, path)
+        _commit(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

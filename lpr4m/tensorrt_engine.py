@@ -40,10 +40,10 @@ def available() -> tuple[bool, str]:
     return True, ""
 
 
-def require(path) -> None:
+def require(path, hint: str = "") -> None:
     ok, why = available()
     if not ok:
-        raise BadInput(path, f"TensorRT engines need an NVIDIA GPU with TensorRT: {why}")
+        raise BadInput(path, f"TensorRT engines need an NVIDIA GPU with TensorRT: {why}{hint}")
 
 
 def cuda_device(device, path=None):
@@ -169,10 +169,7 @@ class EngineRunner:
 
     def __init__(self, path, device: str = "0"):
         path = Path(path)
-        ok, why = available()
-        if not ok:
-            raise BadInput(path, f"TensorRT engines need an NVIDIA GPU with TensorRT: {why}; "
-                                 "use the .onnx or .safetensors weights here")
+        require(path, "; use the .onnx or .safetensors weights here")
         import tensorrt as trt
         import torch
         self.torch = torch
