@@ -1,4 +1,4 @@
-"""``python -m lpr4m {synth,stats,download,regroup} ...``"""
+"""``python -m lpr4m {synth,stats,download,regroup,split} ...``"""
 from __future__ import annotations
 
 import sys
@@ -11,6 +11,7 @@ COMMANDS = {
     "stats": ("lpr4m.stats", "main", "count and validate a dataset"),
     "download": ("lpr4m.download", "download_main", "img2dataset download of an LPR4M URL list"),
     "regroup": ("lpr4m.download", "regroup_main", "move downloaded shards into the LPR4M layout"),
+    "split": ("lpr4m.split", "main", "an open-set split by product (links into the root)"),
 }
 
 

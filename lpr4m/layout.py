@@ -78,6 +78,12 @@ class Dataset:
     def training_clips(self, problems: Problems | None = None) -> Iterator[ann.TrainingClip]:
         return ann.read_training_videoinfo(self.annotation("training_videoinfo"), problems)
 
+    def training_image_ids(self) -> set[str]:
+        """The products (shop image ids) of the training split: what "seen in training" means."""
+        if self.annotation("training_videoinfo", required=False) is None:
+            raise BadInput(self.root / "annotations", "no training_videoinfo*.txt: not a training split")
+        return {c.image_id for c in self.training_clips(self.problems)}
+
     @cached_property
     def gt_images(self) -> dict[str, list[str]]:
         return ann.read_videoid_to_gtimage(self.annotation("gtimage"))

@@ -42,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--aggregation", choices=("mean", "attention", "max"), default=None)
     p.add_argument("--conf", type=fraction, default=0.25, help="detector score a box needs to be cropped")
     p.add_argument("--crops-per-frame", type=positive_int, default=1)
+    p.add_argument("--crop-policy", choices=("fuse", "crop"), default="fuse",
+                   help="fuse each crop with its full frame by detector confidence (an unsure detection leans on "
+                        "the whole frame), or embed the crop alone")
+    p.add_argument("--train-data", action="append", default=None, metavar="ROOT",
+                   help="the training split(s) the weights saw: rank-k also for queries of products seen there "
+                        "and of products never seen; repeatable")
     p.add_argument("--ks", type=parse_ks, default=(1, 5, 10), help="comma-separated k values")
     p.add_argument("--limit", type=positive_int, default=None, help="only the first N queries")
     p.add_argument("--save-rankings", type=output_file, metavar="FILE",
@@ -70,16 +76,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     detector = None
     if not args.no_detector:
         detector = backends.load_detector(args.detector_weights, args.backend, device, conf=args.conf)
+    seen = None
+    if args.train_data:
+        from retriever.evaluation import seen_products
+        clips = ds.test_clips()[:args.limit] if args.limit else ds.test_clips()
+        seen = seen_products(args.train_data, [c.gt_image_ids for c in clips], problems)
     out = evaluate_system(ds, embedder, detector, gallery_from(args.index, embedder), args.frames, args.source,
                           args.fps, not args.all_views, args.ks, args.conf, args.aggregation, args.crops_per_frame,
                           limit=args.limit, rankings_k=args.rankings_k if args.save_rankings else 0,
-                          problems=problems)
+                          problems=problems, crop_policy=args.crop_policy, seen_ids=seen)
     if args.save_rankings:
         write_rankings(args.save_rankings, out, out["aggregation"], args.rankings_k)
     out.pop("_rankings", None)
     out.pop("_clips", None)
     out.update(weights=str(getattr(embedder, "weights_path", "")), fingerprint=embedder.fingerprint,
-               detector=None if detector is None else str(args.detector_weights or "default"), backend=args.backend)
+               detector=None if detector is None else str(args.detector_weights or "default"), backend=args.backend,
+               train_data=args.train_data)
     print(results_table(out, args.ks), file=sys.stderr)
     emit_json(out, args.out)
     return 0

@@ -55,10 +55,12 @@ def evaluate_system(ds: Dataset, embedder, detector=None, gallery=None, n_frames
                     source: str = "frames", fps: float = 1.0, main_only: bool = True,
                     ks: Sequence[int] = (1, 5, 10), conf: float = 0.25, method: str | None = None,
                     crops_per_frame: int = 1, full_frames: bool = True, limit: int | None = None,
-                    rankings_k: int = 0, problems: Problems | None = None, batch: int = 8) -> dict:
-    """Rank-k per setting ("detector", "full_frames"), box AP, timings; rankings when ``rankings_k``."""
+                    rankings_k: int = 0, problems: Problems | None = None, batch: int = 8,
+                    crop_policy: str = "fuse", seen_ids: set[str] | None = None) -> dict:
+    """Rank-k per setting ("detector", "full_frames"), box AP, timings; rankings when ``rankings_k``; with
+    ``seen_ids`` (the training products) rank-k of queries seen and never seen in training too."""
     from retriever.crops import normalised_to_pixels
-    from retriever.metrics import rank_k_accuracy
+    from retriever.metrics import by_product, rank_k_accuracy
     from pipeline.gallery import GalleryIndex, collect_lpr4m
     from lpr4m.cli import progress
     problems = problems or Problems()
@@ -80,7 +82,8 @@ def evaluate_system(ds: Dataset, embedder, detector=None, gallery=None, n_frames
     settings = {}
     if detector is not None:
         detector.conf = AP_CONF
-        settings["detector"] = Recognizer(embedder, detector, crops_per_frame, batch=batch, min_score=conf)
+        settings["detector"] = Recognizer(embedder, detector, crops_per_frame, batch=batch, min_score=conf,
+                                          crop_policy=crop_policy)
     if full_frames or detector is None:
         settings["full_frames"] = Recognizer(embedder, None, batch=batch)
     decode = StageTimer()
@@ -113,8 +116,10 @@ def evaluate_system(ds: Dataset, embedder, detector=None, gallery=None, n_frames
                     ap_gt.append([normalised_to_pixels(b, r.width, r.height).tolist() for b in fb])
                     ap_dets += coco_detections(img_id, r.boxes, r.scores)
     gt_ids = [c.gt_image_ids for c in clips]
-    results = {name: rank_k_accuracy([None if r is None else r[0] for r in ranked[name]], gt_ids, ks)
-               for name in settings}
+    ids = {name: [None if r is None else r[0] for r in ranked[name]] for name in settings}
+    results = {name: rank_k_accuracy(ids[name], gt_ids, ks) for name in settings}
+    products = {name: by_product(ids[name], gt_ids, seen_ids, ks) for name in settings} if seen_ids is not None \
+        else {}
     box_ap = None
     if ap_images and sum(len(b) for b in ap_gt):
         from detector.metrics import coco_box_map, coco_ground_truth
@@ -126,8 +131,9 @@ def evaluate_system(ds: Dataset, embedder, detector=None, gallery=None, n_frames
         ms = {s: ms[s] for s in ("decode", "detect", "crop", "embed", "aggregate", "search") if s in ms}
         timings[name] = {s: round(v, 3) for s, v in ms.items()}
     out = {"data": str(ds.root), "source": source, "n_queries": len(clips), "n_frames": n_frames_total,
-           "aggregation": method, "main_only": main_only, "conf": conf, "index": gallery.summary(),
-           "results": results, "box_ap": box_ap, "timings_ms_per_frame": timings,
+           "aggregation": method, "main_only": main_only, "conf": conf,
+           "crop_policy": crop_policy if detector is not None else None, "index": gallery.summary(),
+           "results": results, "by_product": products, "box_ap": box_ap, "timings_ms_per_frame": timings,
            "gallery_s": round(t_gallery, 3), "problems": problems.as_dict()}
     if rankings_k:
         out["_rankings"] = {name: ranked[name] for name in settings}
@@ -150,11 +156,16 @@ def write_rankings(path, out: dict, method: str, k: int) -> None:
 
 def results_table(out: dict, ks: Sequence[int]) -> str:
     """Fixed-width table, one row per setting (faiss benchs style)."""
-    head = f"{'setting':<14}" + "".join(f"{'R' + str(k):>8}" for k in ks) + f"{'ms/frame':>10}"
+    head = f"{'setting':<20}" + "".join(f"{'R' + str(k):>8}" for k in ks) + f"{'ms/frame':>10}"
     rows = [head]
     for name, r in out["results"].items():
         ms = sum(out["timings_ms_per_frame"][name].values())
-        rows.append(f"{name:<14}" + "".join(f"{r['R' + str(k)]:8.3f}" for k in ks) + f"{ms:10.1f}")
+        rows.append(f"{name:<20}" + "".join(f"{r['R' + str(k)]:8.3f}" for k in ks) + f"{ms:10.1f}")
+    for name, groups in (out.get("by_product") or {}).items():
+        for group, r in groups.items():
+            if r.get("n_queries"):
+                rows.append(f"{name + ' ' + group:<20}" + "".join(f"{r['R' + str(k)]:8.3f}" for k in ks)
+                            + f"{'(' + str(r['n_queries']) + ' queries)':>18}")
     if out.get("box_ap"):
         ap = out["box_ap"]
         rows.append(f"detector box AP {ap['ap']:.3f}  AP50 {ap['ap50']:.3f}  AP75 {ap['ap75']:.3f}  "

@@ -138,8 +138,9 @@ class FrameResult:
     boxes: np.ndarray  # (N, 4) float32 pixel xyxy, all detections
     scores: np.ndarray  # (N,) float32
     used: list[int]  # which boxes were cropped and embedded ([] when the full frame was)
-    embs: np.ndarray  # (C, D) float32, one row per embedded crop (C >= 1)
+    embs: np.ndarray  # (C, D) float32, one row per embedded crop (C >= 1), fused with the full frame
     thumb: bytes | None = None  # small JPEG with the detections drawn (only when thumbnails are kept)
+    crop_weights: list[float] | None = None  # per used box: its share against the full frame (crop_weight)
 
     @property
     def fallback(self) -> bool:
@@ -155,7 +156,7 @@ class FrameResult:
         return {"index": self.index, "time_s": round(self.time_s, 3), "size": [self.width, self.height],
                 "boxes": [[round(float(v), 1) for v in b] for b in self.boxes],
                 "scores": [round(float(s), 4) for s in self.scores], "used": list(self.used),
-                "full_frame": self.fallback}
+                "crop_weights": [round(w, 3) for w in self.crop_weights or []], "full_frame": self.fallback}
 
 
 def draw_thumbnail(rgb: np.ndarray, boxes: np.ndarray, used: Sequence[int], width: int = 320,
@@ -200,11 +201,16 @@ class Recognizer:
     """detect -> crop -> embed over a stream of frames; the detector is optional (None = full frames).
 
     ``crops_per_frame`` highest-scoring boxes of each frame are embedded; a frame with no detection falls back
-    to the full frame, so every frame contributes at least one embedding.
+    to the full frame, so every frame contributes at least one embedding. Under ``crop_policy="fuse"`` each crop
+    embedding is mixed with its full frame's by the detector's confidence (``retriever.crops.crop_weight``).
     """
 
     def __init__(self, embedder, detector=None, crops_per_frame: int = 1, pad: float = 0.05, batch: int = 8,
-                 thumbs: int = 0, thumb_width: int = 320, min_score: float = 0.0, prefetch: int = 0):
+                 thumbs: int = 0, thumb_width: int = 320, min_score: float = 0.0, prefetch: int = 0,
+                 crop_policy: str = "fuse"):
+        from retriever.crops import crop_weight
+        crop_weight(1.0, crop_policy)  # an unknown policy fails here, not on the first frame
+        self.crop_policy = crop_policy
         self.embedder = embedder
         self.min_score = min_score  # boxes below it are kept (for box AP) but never cropped
         self.detector = detector
@@ -220,17 +226,18 @@ class Recognizer:
         self.size: tuple[int, int] | None = None
 
     def _process_batch(self, frames: list) -> list[FrameResult]:
-        from retriever.crops import crop_boxes
+        from retriever.crops import crop_boxes, crop_weight, fuse
         rgbs = [f.rgb for f in frames]
         if self.detector is not None:
             with self.timer.time("detect"):
                 dets = self.detector.detect(rgbs)
         else:
             dets = [None] * len(frames)
-        crops, owner, used_all = [], [], []
+        crops, owner, used_all, weights_all, full_row = [], [], [], [], {}
         with self.timer.time("crop"):
             for j, (f, det) in enumerate(zip(frames, dets)):
                 used: list[int] = []
+                weights: list[float] = []
                 if det is not None and len(det.scores):
                     sc = np.asarray(det.scores, np.float32).reshape(-1)
                     order = np.argsort(-sc, kind="stable")
@@ -242,19 +249,26 @@ class Recognizer:
                             crops.append(pieces[0])
                             owner.append(j)
                             used.append(int(i))
-                if not used:  # nothing detected (or degenerate boxes): the full frame stands in
+                            weights.append(crop_weight(sc[i], self.crop_policy))
+                if not used or min(weights) < 1.0:  # the full frame stands in, or is fused with the crops
+                    full_row[j] = len(crops)
                     crops.append(f.rgb)
-                    owner.append(j)
+                    owner.append(-1 if used else j)
                 used_all.append(used)
+                weights_all.append(weights)
         with self.timer.time("embed"):
             embs = np.asarray(self.embedder.embed(crops), dtype=np.float32) if crops else None
         out = []
         owner = np.asarray(owner)
         for j, (f, det, used) in enumerate(zip(frames, dets, used_all)):
+            rows = embs[owner == j]
+            if used and j in full_row:
+                rows = fuse(rows, embs[full_row[j]], weights_all[j])
             h, w = f.rgb.shape[:2]
             boxes = np.asarray(det.xyxy, np.float32).reshape(-1, 4) if det is not None else np.zeros((0, 4), np.float32)
             scores = np.asarray(det.scores, np.float32).reshape(-1) if det is not None else np.zeros(0, np.float32)
-            res = FrameResult(int(f.index), float(f.time_s), w, h, boxes, scores, used, embs[owner == j])
+            res = FrameResult(int(f.index), float(f.time_s), w, h, boxes, scores, used, rows,
+                              crop_weights=weights_all[j])
             if self.thumbs is not None and self.thumbs.wants(self.n_frames):
                 self.thumbs.add(self.n_frames, draw_thumbnail(f.rgb, boxes, used, self.thumb_width))
             self.size = (w, h)
@@ -393,7 +407,8 @@ def recognize_video(clip, embedder, gallery, detector=None, fps: float = 1.0, ma
                     k: int = 5, method: str | None = None, crops_per_frame: int = 1, thumbs: int = 0,
                     segment: bool = False, seg_window_s: float = 5.0, seg_threshold: float = 0.7,
                     seg_hysteresis: int = 2, live_id: str | None = None, batch: int = 8,
-                    prefetch: int = 16, settings: dict | None = None) -> tuple[dict, Recognizer]:
+                    prefetch: int = 16, settings: dict | None = None,
+                    crop_policy: str = "fuse") -> tuple[dict, Recognizer]:
     """Run the whole pipeline on a video file; returns (result dict, the recogniser with timers/thumbnails)."""
     from lpr4m.errors import BadInput
     from lpr4m.frames import probe_video, sample_frames
@@ -401,7 +416,7 @@ def recognize_video(clip, embedder, gallery, detector=None, fps: float = 1.0, ma
     info = probe_video(clip)
     method = method or getattr(getattr(embedder, "config", None), "aggregation", None) or "mean"
     rec = Recognizer(embedder, detector, crops_per_frame=crops_per_frame, batch=batch, thumbs=thumbs,
-                     prefetch=prefetch)
+                     prefetch=prefetch, crop_policy=crop_policy)
     frames = sample_frames(clip, mode="fps", fps=fps, max_frames=max_frames)
     total = None
     if info.duration_s:
@@ -422,6 +437,7 @@ def recognize_video(clip, embedder, gallery, detector=None, fps: float = 1.0, ma
                   "codec": info.codec},
         "settings": {"fps": fps, "max_frames": max_frames, "topk": k, "aggregation": method,
                      "detector": detector is not None, "crops_per_frame": crops_per_frame,
+                     "crop_policy": crop_policy if detector is not None else None,
                      "embedder": getattr(embedder, "fingerprint", None), "live_id": live_id, **(settings or {})},
         "n_frames": n,
         "products": products,

@@ -16,6 +16,7 @@ from lpr4m.errors import BadInput
 from lpr4m.io import read_json, write_json
 
 RESIZE_MODES = ("letterbox", "squash")
+TTA_MODES = ("none", "flip")
 AGGREGATIONS = ("mean", "attention", "max")
 
 
@@ -33,6 +34,7 @@ class EmbedderConfig:
     normalize: bool = True  # embeddings are L2-normalised (cosine = inner product)
     aggregation: str = "mean"
     pool_hidden: int = 64  # hidden size of the attention / quality pooling head
+    tta: str = "none"  # test-time augmentation: "flip" embeds each image and its mirror image, and averages
     sha256: str = ""  # of the weights file this config describes
     format: str = "safetensors"
     training_command: str = ""
@@ -46,6 +48,8 @@ class EmbedderConfig:
             raise BadInput(None, f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
         if self.aggregation not in AGGREGATIONS:
             raise BadInput(None, f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+        if self.tta not in TTA_MODES:
+            raise BadInput(None, f"tta must be one of {TTA_MODES}, got {self.tta!r}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise BadInput(None, "mean and std must hold 3 values (std > 0)")
         if int(self.input_size) < 16 or int(self.embed_dim) < 2:
@@ -59,8 +63,9 @@ class EmbedderConfig:
         fingerprint on every backend.
         """
         weights_sha = str(self.extra.get("source_sha256") or self.sha256)
-        pre = json.dumps([self.backbone, self.embed_dim, self.input_size, self.resize_mode, self.pad_value,
-                          list(self.mean), list(self.std), self.normalize], sort_keys=True)
+        pre = [self.backbone, self.embed_dim, self.input_size, self.resize_mode, self.pad_value, list(self.mean),
+               list(self.std), self.normalize] + ([self.tta] if self.tta != "none" else [])
+        pre = json.dumps(pre, sort_keys=True)
         return f"{self.backbone}-{self.embed_dim}-{hashlib.sha256(pre.encode()).hexdigest()[:8]}-{weights_sha[:16]}"
 
     def to_dict(self) -> dict:

@@ -11,6 +11,9 @@ from lpr4m.errors import BadInput
 logger = logging.getLogger(__name__)
 
 CROP_MODES = ("gt", "detector", "none")
+CROP_POLICIES = ("fuse", "crop")
+# detector score at which a crop starts to count, and where it alone counts (see crop_weight)
+FUSE_LOW, FUSE_HIGH = 0.4, 0.6
 
 
 def even_indices(n_total: int, n: int = 10) -> list[int]:
@@ -77,15 +80,64 @@ def load_detector(weights, device: str = "cpu", conf: float = 0.25):
     return _load(weights, device=device, conf=conf)
 
 
-def detector_crops(frames: Sequence[np.ndarray], detector, pad: float = 0.05, top_k: int = 1) -> list[np.ndarray]:
-    """The ``top_k`` highest-scoring detections of each frame; a frame with none contributes its full frame."""
-    out = []
+def detector_views(frames: Sequence[np.ndarray], detector, policy: str = "fuse", pad: float = 0.05):
+    """The images to embed for detector-cropped frames, and per frame ``(crop row, full-frame row, weight)``
+    saying how ``combine_views`` makes its embedding (a row is None when that image is not embedded)."""
+    images, plan = [], []
     for rgb, det in zip(frames, detector.detect(list(frames))):
         xyxy = np.asarray(det.xyxy, np.float32).reshape(-1, 4)
         scores = np.asarray(det.scores, np.float32).reshape(-1)
-        crops = crop_boxes(rgb, xyxy[np.argsort(-scores)[:top_k]], pad) if len(xyxy) else []
-        out += crops if crops else [rgb]
-    return out
+        best = int(np.argmax(scores)) if len(scores) else None
+        crops = crop_boxes(rgb, xyxy[best:best + 1], pad) if best is not None else []
+        weight = crop_weight(scores[best], policy) if crops else 0.0
+        crop_row = full_row = None
+        if crops:
+            crop_row = len(images)
+            images.append(crops[0])
+        if weight < 1.0:
+            full_row = len(images)
+            images.append(rgb)
+        plan.append((crop_row, full_row, weight))
+    return images, plan
+
+
+def combine_views(embs: np.ndarray, plan) -> np.ndarray:
+    """One embedding per frame from ``detector_views``' plan."""
+    rows = []
+    for crop_row, full_row, weight in plan:
+        if crop_row is None or full_row is None:
+            rows.append(embs[full_row if crop_row is None else crop_row])
+        else:
+            rows.append(fuse(embs[crop_row], embs[full_row], [weight])[0])
+    return np.stack(rows).astype(np.float32)
+
+
+def detector_crops(frames: Sequence[np.ndarray], detector, pad: float = 0.05) -> list[np.ndarray]:
+    """The best detection of each frame; a frame with none contributes its full frame."""
+    images, plan = detector_views(frames, detector, "crop", pad)
+    return [images[c if c is not None else f] for c, f, _ in plan]
+
+
+def crop_weight(score: float, policy: str = "fuse") -> float:
+    """How much a detector crop counts against its full frame: 0 (full frame) to 1 (crop alone).
+
+    ``fuse`` ramps linearly from 0 at score ``FUSE_LOW`` to 1 at ``FUSE_HIGH``: a confident detection (the
+    detector's own world) is the crop, an unsure one on unfamiliar footage leans on the whole frame, so a detector
+    that fails on real frames costs nothing against full frames; ``crop`` is the crop alone whatever its score.
+    """
+    if policy == "crop":
+        return 1.0
+    if policy != "fuse":
+        raise ValueError(f"unknown crop policy {policy!r}; expected one of {CROP_POLICIES}")
+    return float(min(1.0, max(0.0, (float(score) - FUSE_LOW) / (FUSE_HIGH - FUSE_LOW))))
+
+
+def fuse(crop_embs: np.ndarray, full_emb: np.ndarray | None, weights) -> np.ndarray:
+    """Rows ``w * crop + (1 - w) * full``, re-normalised: one row per crop of a frame."""
+    crop_embs = np.asarray(crop_embs, np.float32).reshape(len(weights), -1)
+    w = np.asarray(weights, np.float32).reshape(-1, 1)
+    out = crop_embs if full_emb is None else w * crop_embs + (1 - w) * np.asarray(full_emb, np.float32).reshape(1, -1)
+    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
 
 
 def clip_inputs(frames: Sequence[np.ndarray], mode: str = "none", boxes: Sequence[list | None] | None = None,

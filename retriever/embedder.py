@@ -131,11 +131,18 @@ class Embedder:
         """(N, D) float32, rows L2-normalised."""
         images = list(images)
         out = np.zeros((len(images), self.config.embed_dim), np.float32)
-        for i in range(0, len(images), batch_size):
-            y = np.asarray(self.backend(to_batch(images[i:i + batch_size], self.config)), np.float32)
+        flip = self.config.tta == "flip"
+        step = max(1, batch_size // 2) if flip else batch_size  # the mirror images share the batch
+        for i in range(0, len(images), step):
+            batch = to_batch(images[i:i + step], self.config)
+            if flip:
+                n = len(batch)
+                y = np.asarray(self.backend(np.concatenate([batch, batch[..., ::-1]])), np.float32)
+                y = _unit(y[:n]) + _unit(y[n:])
+            else:
+                y = np.asarray(self.backend(batch), np.float32)
             out[i:i + len(y)] = y
-        norms = np.linalg.norm(out, axis=1, keepdims=True)
-        return out / np.maximum(norms, 1e-12)
+        return _unit(out)
 
     def quality(self, embeddings: np.ndarray) -> np.ndarray:
         """Pooling scores (N,) of frame embeddings (higher = more weight); zeros when the head is absent."""
@@ -145,6 +152,10 @@ class Embedder:
         p = self._pool
         h = np.maximum(embeddings @ p["fc1.weight"].T + p["fc1.bias"], 0.0)
         return (h @ p["fc2.weight"].T + p["fc2.bias"]).reshape(-1).astype(np.float32)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def pool_params_from_model(model) -> dict:

@@ -21,8 +21,8 @@ from lpr4m.errors import BadInput, Problems
 from lpr4m.images import load_rgb
 from lpr4m.layout import Dataset
 from retriever.aggregate import aggregate
-from retriever.crops import CROP_MODES, clip_inputs, even_indices
-from retriever.metrics import DEFAULT_KS, rank_k_accuracy, recall_table, search_galleries, search_sets
+from retriever.crops import CROP_MODES, CROP_POLICIES, clip_inputs, combine_views, detector_views, even_indices
+from retriever.metrics import DEFAULT_KS, by_product, rank_k_accuracy, recall_table, search_galleries, search_sets
 
 logger = logging.getLogger(__name__)
 
@@ -43,15 +43,16 @@ class QuerySet:
 
 def embed_queries(ds: Dataset, embedder, crops: str = "none", n_frames: int = 10, detector=None,
                   problems: Problems | None = None, limit: int | None = None, chunk: int = 32,
-                  batch_size: int = 32) -> QuerySet:
-    """Embed the chosen frames (or crops) of each test clip; a clip with no readable frame fails."""
+                  batch_size: int = 32, crop_policy: str = "fuse") -> QuerySet:
+    """Embed the chosen frames (or crops) of each test clip; a clip with no readable frame fails. Detector crops
+    are fused with their full frames by ``crop_policy`` (``retriever.crops.crop_weight``), as in the pipeline."""
     problems = problems or Problems()
     clips = ds.test_clips()[:limit] if limit else ds.test_clips()
     qs = QuerySet([c.video_id for c in clips], [c.live_id for c in clips], [c.gt_image_ids for c in clips],
                   [None] * len(clips), problems)
     bar = progress(total=len(clips), desc="queries", unit="clip")
     for start in range(0, len(clips), chunk):
-        images, owners = [], []
+        images, owners, plans = [], [], {}
         for qi in range(start, min(start + chunk, len(clips))):
             clip = clips[qi]
             idx = even_indices(len(clip.frame_paths), n_frames)
@@ -66,14 +67,19 @@ def embed_queries(ds: Dataset, embedder, crops: str = "none", n_frames: int = 10
                 problems.add(BadInput(ds.root / "query" / clip.video_id, "query clip has no readable frame"),
                              "failed_query")
                 continue
-            inputs = clip_inputs(frames, crops, boxes, detector)
+            if crops == "detector":
+                inputs, plan = detector_views(frames, detector, crop_policy)
+                plans[qi] = plan
+            else:
+                inputs = clip_inputs(frames, crops, boxes, detector)
             images += inputs
             owners += [qi] * len(inputs)
         if images:
             embs = embedder.embed(images, batch_size=batch_size)
             owners_arr = np.asarray(owners)
             for qi in np.unique(owners_arr):
-                qs.frame_embs[qi] = embs[owners_arr == qi]
+                rows = embs[owners_arr == qi]
+                qs.frame_embs[qi] = combine_views(rows, plans[qi]) if qi in plans else rows
         bar.update(min(start + chunk, len(clips)) - start)
     bar.close()
     return qs
@@ -167,25 +173,31 @@ def rank_queries(qs: QuerySet, galleries, method: str = "mean", gallery_mode: st
 def evaluate(ds: Dataset, embedder, crops: str = "none", methods: Sequence[str] = ("mean",),
              gallery_modes: Sequence[str] = ("live",), n_frames: int = 10, main_only: bool = True,
              ks: Sequence[int] = DEFAULT_KS, detector=None, problems: Problems | None = None,
-             limit: int | None = None, rankings_k: int = 0, batch_size: int = 32) -> dict:
-    """All requested (aggregation x gallery mode) results for one embedder; rankings kept when asked."""
+             limit: int | None = None, rankings_k: int = 0, batch_size: int = 32,
+             seen_ids: set[str] | None = None, crop_policy: str = "fuse") -> dict:
+    """All requested (aggregation x gallery mode) results for one embedder; rankings kept when asked; with
+    ``seen_ids`` (the training products) also per group of queries, seen and unseen in training."""
     problems = problems or Problems()
     t0 = time.perf_counter()
-    qs = embed_queries(ds, embedder, crops, n_frames, detector, problems, limit, batch_size=batch_size)
+    qs = embed_queries(ds, embedder, crops, n_frames, detector, problems, limit, batch_size=batch_size,
+                       crop_policy=crop_policy)
     t1 = time.perf_counter()
     galleries = embed_galleries(ds, embedder, qs.live_ids, main_only, problems, batch_size=batch_size)
     t2 = time.perf_counter()
     k = max(max(ks), rankings_k)
-    results, rankings = {}, {}
+    results, rankings, products = {}, {}, {}
     for mode in gallery_modes:
         for method in methods:
             ranked = rank_queries(qs, galleries, method, mode, k, embedder, multi_view=not main_only)
             key = f"{mode}/{method}"
-            results[key] = rank_k_accuracy([None if r is None else r[0] for r in ranked], qs.gt_ids, ks)
+            ids = [None if r is None else r[0] for r in ranked]
+            results[key] = rank_k_accuracy(ids, qs.gt_ids, ks)
+            if seen_ids is not None:
+                products[key] = by_product(ids, qs.gt_ids, seen_ids, ks)
             if rankings_k:
                 rankings[key] = ranked
     t3 = time.perf_counter()
-    return {"results": results, "rankings": rankings, "queries": qs,
+    return {"results": results, "by_product": products, "rankings": rankings, "queries": qs,
             "timing_s": {"embed_queries": round(t1 - t0, 3), "embed_gallery": round(t2 - t1, 3),
                          "search": round(t3 - t2, 3)}}
 
@@ -200,6 +212,31 @@ def write_rankings(path, qs: QuerySet, rankings: dict, k: int) -> None:
                        "failed": r is None, "image_ids": [] if r is None else list(r[0][:k]),
                        "scores": [] if r is None else [round(float(s), 6) for s in r[1][:k]]}
                 f.write(json.dumps(rec) + "\n")
+
+
+def seen_products(train_roots: Sequence[str], test_gt_ids: Sequence[Sequence[str]],
+                  problems: Problems | None = None) -> set[str]:
+    """The products of ``--train-data`` roots; a split sharing no product with the test queries, or sharing all of
+    them, is said plainly (a warning), since one of the two groups is then empty."""
+    seen: set[str] = set()
+    for root in train_roots:
+        seen |= Dataset(root, problems).training_image_ids()
+    n_seen = sum(1 for gt in test_gt_ids if set(gt) & seen)
+    if not test_gt_ids:
+        logger.warning("the test split has no queries: nothing to report as seen or unseen")
+    elif n_seen == 0:
+        logger.warning("--train-data shares no product with the %d test queries: every query is unseen",
+                       len(test_gt_ids))
+    elif n_seen == len(test_gt_ids):
+        logger.warning("every test query's product is in --train-data: no unseen queries to report")
+    return seen
+
+
+def product_table(split: dict, ks: Sequence[int]) -> str:
+    """``recall_table`` rows for the seen / unseen groups of each setting."""
+    rows = {f"{key} {group}": r for key, groups in split.items() for group, r in groups.items()
+            if r.get("n_queries")}
+    return recall_table(rows, ks) if rows else ""
 
 
 def frozen_embedder(backbone: str, input_size: int | None = None, device: str = "cpu"):
@@ -233,6 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what is embedded: ground-truth crops, detector crops or full frames "
                         "(auto: gt when the split has boxes)")
     p.add_argument("--detector", default=None, help="detector weights for --crops detector (default weights/detector.*)")
+    p.add_argument("--crop-policy", choices=CROP_POLICIES, default="fuse",
+                   help="--crops detector: fuse each crop with its full frame by detector confidence, or the crop "
+                        "alone")
+    p.add_argument("--tta", choices=("none", "flip"), default=None,
+                   help="test-time augmentation (default: the weights' config)")
     p.add_argument("--aggregation", default=None,
                    help="mean | attention | max | all, or a comma list (default: the weights' config)")
     p.add_argument("--frames", type=positive_int, default=10, help="up to N frames spread evenly over each clip")
@@ -240,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rank in each query's live gallery (RICE), in all test shop images, or both")
     p.add_argument("--all-views", action="store_true", help="use every view, not only the main image (-0)")
     p.add_argument("--ks", type=parse_ks, default=DEFAULT_KS, help="comma-separated k values")
+    p.add_argument("--train-data", action="append", default=None, metavar="ROOT",
+                   help="the training split(s) the weights saw: rank-k is also reported for queries whose product "
+                        "is in them (seen) and for the others (unseen); repeatable")
     p.add_argument("--save-rankings", type=output_file, default=None,
                    help="write ranked ids + scores per query as JSON lines")
     p.add_argument("--rankings-k", type=positive_int, default=50, help="how many ranked ids --save-rankings keeps")
@@ -267,6 +312,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.weights = f"frozen:{args.frozen_backbone}"
     else:
         embedder = load_embedder(args.weights, device=device)
+    if args.tta:
+        embedder.config.tta = args.tta
     crops = args.crops
     if crops == "auto":
         crops = "gt" if ds.gt_boxes else "none"
@@ -283,13 +330,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         if m not in ("mean", "attention", "max"):
             raise BadInput(None, f"--aggregation {m!r}: expected mean, attention, max or all")
     modes = ("live", "global") if args.gallery == "both" else (args.gallery,)
+    seen = None
+    if args.train_data:
+        clips = ds.test_clips()[:args.limit] if args.limit else ds.test_clips()
+        seen = seen_products(args.train_data, [c.gt_image_ids for c in clips], problems)
     out = evaluate(ds, embedder, crops, methods, modes, args.frames, not args.all_views, args.ks, detector,
-                   problems, args.limit, args.rankings_k if args.save_rankings else 0, args.batch_size)
+                   problems, args.limit, args.rankings_k if args.save_rankings else 0, args.batch_size, seen,
+                   args.crop_policy)
     if args.save_rankings:
         write_rankings(args.save_rankings, out["queries"], out["rankings"], args.rankings_k)
     logger.info("\n%s", recall_table({f"{crops}/{k}": v for k, v in out["results"].items()}, args.ks))
+    if out["by_product"]:
+        logger.info("\n%s", product_table(out["by_product"], args.ks))
     result = {"data": str(ds.root), "weights": str(args.weights), "fingerprint": embedder.fingerprint,
-              "crops": crops, "frames": args.frames, "main_only": not args.all_views, "results": out["results"],
+              "crops": crops, "crop_policy": args.crop_policy if crops == "detector" else None,
+              "tta": embedder.config.tta, "frames": args.frames, "main_only": not args.all_views, "results": out["results"],
+              "by_product": out["by_product"], "train_data": args.train_data,
               "timing_s": out["timing_s"], "problems": problems.as_dict()}
     emit_json(result, args.out)
     return 0

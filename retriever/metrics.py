@@ -51,6 +51,22 @@ def rank_k_accuracy(rankings: Sequence[Sequence[str] | None], gt_ids: Sequence[I
     return out
 
 
+def by_product(rankings: Sequence[Sequence[str] | None], gt_ids: Sequence[Iterable[str]], seen_ids: set[str],
+               ks: Sequence[int] = DEFAULT_KS) -> dict:
+    """Rank-k of queries whose product was trained on (any ground-truth id in ``seen_ids``) apart from the others.
+
+    An empty group is reported as ``{"n_queries": 0}``, never as an R1 of 0.
+
+    >>> by_product([["a"], ["b"]], [["a"], ["b"]], {"a"}, ks=(1,))["unseen"]["R1"]
+    1.0
+    """
+    groups = {"seen": [], "unseen": []}
+    for i, gt in enumerate(gt_ids):
+        groups["seen" if set(gt) & seen_ids else "unseen"].append(i)
+    return {name: rank_k_accuracy([rankings[i] for i in rows], [gt_ids[i] for i in rows], ks) if rows
+            else {"n_queries": 0} for name, rows in groups.items()}
+
+
 def rank_from_scores(scores: np.ndarray, gallery_ids: Sequence[str], k: int | None = None):
     """Ranked ids and scores of one query from its (G,) scores (ties keep gallery order)."""
     scores = np.asarray(scores, np.float32).reshape(-1)

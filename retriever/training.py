@@ -28,8 +28,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lpr4m.cli import (Parser, device_arg, emit_json, nonnegative_float, nonnegative_int, output_file, positive_float,
-                       positive_int, progress, run_name, setup_logging, torch_device)
+from lpr4m.cli import (Parser, device_arg, emit_json, fraction, nonnegative_float, nonnegative_int, output_file,
+                       positive_float, positive_int, progress, run_name, setup_logging, torch_device)
 from lpr4m.errors import BadInput, Problems
 from lpr4m.images import check_image
 from lpr4m.io import atomic_path, atomic_write, write_json
@@ -48,7 +48,7 @@ DEFAULTS = dict(backbone="efficientnet_lite0", pretrained=True, embed_dim=256, i
                 weight_decay=0.05, warmup_steps=20, train_frames=3, train_agg="attention", pmd=False,
                 pmd_weight=0.5, freeze_stages=0, bn_eval=True, cache_views=0, image_views=16, amp=False,
                 workers=4, threads=0, log_every=10, ckpt_every=200, eval_every=1, eval_frames=10,
-                max_minutes=0.0, temperature=0.07, seed=0, max_side=None, limit=None)
+                max_minutes=0.0, temperature=0.07, seed=0, max_side=None, limit=None, lp_epochs=0, wise_alpha=1.0, tta="none")
 PRESETS = {
     "cpu": dict(backbone="efficientnet_lite0", input_size=224, epochs=30, batch_size=32, lr=5e-4, head_lr_mult=5.0,
                 warmup_steps=15, train_frames=3, freeze_stages=5, bn_eval=True, cache_views=4, image_views=24,
@@ -143,6 +143,18 @@ def freeze(model, n_stages: int) -> None:
     for s in model.trunk.stages()[:n_stages]:
         for p in s.parameters():
             p.requires_grad_(False)
+
+
+def wise_interpolate(anchor: dict, finetuned: dict, alpha: float, keys=None) -> dict:
+    """WiSE-FT (Wortsman et al. 2022): ``anchor + alpha * (finetuned - anchor)`` for the floating-point tensors in
+    ``keys`` (default: all); the rest, and integer buffers, are the fine-tuned ones."""
+    out = {}
+    for k, v in finetuned.items():
+        if v.is_floating_point() and k in anchor and (keys is None or k in keys):
+            out[k] = anchor[k].to(v.dtype) + alpha * (v - anchor[k].to(v.dtype))
+        else:
+            out[k] = v
+    return out
 
 
 # -- batch sources ---------------------------------------------------------------------------------------------
@@ -253,9 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="retriever/train.py", description=__doc__.split("\n\n")[0],
                argument_default=None)
     g = p.add_argument_group("data")
-    g.add_argument("--data", required=False, help="LPR4M root with annotations/training_videoinfo*.txt")
+    g.add_argument("--data", action="extend", nargs="+", default=None, metavar="ROOT",
+                   help="LPR4M root(s) with annotations/training_videoinfo*.txt; several roots train together")
     g.add_argument("--val-data", help="LPR4M root whose test split is evaluated each --eval-every epochs "
-                                      "(default: --data when it has a test split; 'none' to skip)")
+                                      "(default: the first --data root with a test split; 'none' to skip)")
     g.add_argument("--limit", type=positive_int, help="use only the first N training clips")
     g.add_argument("--max-side", type=positive_int, help="shrink decoded training images to this longest side")
     g = p.add_argument_group("model")
@@ -265,11 +278,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--embed-dim", type=positive_int)
     g.add_argument("--input-size", type=positive_int)
     g.add_argument("--resize-mode", choices=("letterbox", "squash"))
+    g.add_argument("--tta", choices=("none", "flip"),
+                   help="test-time augmentation recorded in the weights' config (used by every evaluation)")
     g.add_argument("--freeze-stages", type=nonnegative_int, help="freeze the first N trunk stages (stem = stage 0)")
     g.add_argument("--no-bn-eval", dest="bn_eval", action="store_false", default=None,
                    help="update BatchNorm statistics (default keeps them frozen for small batches)")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=positive_int)
+    g.add_argument("--lp-epochs", type=nonnegative_int,
+                   help="LP-FT: train only the projection and pooling head (trunk frozen) for the first N epochs")
+    g.add_argument("--wise-alpha", type=fraction,
+                   help="WiSE-FT: the saved weights are anchor + alpha * (fine-tuned - anchor), the anchor being "
+                        "the weights when the trunk started to train (pretrained trunk, linear-probed head); 1 = "
+                        "plain fine-tuning")
     g.add_argument("--batch-size", "--batch", type=positive_int, help="clips per rank per step (distinct shop images)")
     g.add_argument("--accum", type=positive_int, help="gradient accumulation steps")
     g.add_argument("--lr", type=positive_float)
@@ -331,16 +352,24 @@ def lr_at(step: int, total: int, warmup: int) -> float:
 
 def make_config(cfg: dict, spec) -> EmbedderConfig:
     return EmbedderConfig(backbone=cfg["backbone"], embed_dim=cfg["embed_dim"], input_size=cfg["input_size"],
-                          resize_mode=cfg["resize_mode"], mean=spec.mean, std=spec.std, aggregation=cfg["train_agg"])
+                          resize_mode=cfg["resize_mode"], mean=spec.mean, std=spec.std, aggregation=cfg["train_agg"],
+                          tta=cfg.get("tta", "none"))
 
 
-def run_eval(model, config, val_ds, frames, device) -> dict:
+def run_eval(model, config, val_ds, frames, device, seen_ids: set[str] | None = None) -> dict:
+    """Rank-k per aggregation on the validation split; with ``seen_ids`` also for its queries of products never
+    trained on (``<agg>_unseen``) and of the others (``<agg>_seen``)."""
     from retriever.embedder import Embedder, TorchBackend, pool_params_from_model
     from retriever.evaluation import evaluate
     emb = Embedder(TorchBackend(model, str(device)), config, None, pool_params_from_model(model))
     crops = "gt" if val_ds.gt_boxes else "none"
-    out = evaluate(val_ds, emb, crops, ("mean", "attention"), ("live",), frames, True)
-    return {k.split("/", 1)[1]: v for k, v in out["results"].items()}
+    out = evaluate(val_ds, emb, crops, ("mean", "attention"), ("live",), frames, True, seen_ids=seen_ids)
+    res = {k.split("/", 1)[1]: v for k, v in out["results"].items()}
+    for key, groups in out["by_product"].items():
+        for group, r in groups.items():
+            if r.get("n_queries"):
+                res[f"{key.split('/', 1)[1]}_{group}"] = r
+    return res
 
 
 # -- main ------------------------------------------------------------------------------------------------------
@@ -370,7 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.data:
             parser.error("--data is required (unless --resume)")
         cfg = resolve_args(args)
-        cfg["data"] = str(args.data)
+        cfg["data"] = [str(d) for d in args.data]
         cfg["val_data"] = args.val_data
         cfg["command"] = shlex.join(["python", "retriever/train.py"] + argv_list)
         run_dir = None
@@ -384,13 +413,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # data
     problems = Problems(strict=args.strict)
-    ds = Dataset(cfg["data"])
-    pairs = load_pairs(ds, problems, cfg["limit"])
+    roots = [Dataset(d) for d in ([cfg["data"]] if isinstance(cfg["data"], str) else cfg["data"])]
+    pairs = [p for ds in roots for p in load_pairs(ds, problems, cfg["limit"])]
+    seen_ids = {p.image_id for p in pairs}
     val_ds = None
     if cfg.get("val_data") != "none":
-        vroot = Dataset(cfg["val_data"]) if cfg.get("val_data") else ds
-        if vroot.annotation("gtimage", required=False) is not None:
-            val_ds = vroot
+        candidates = [Dataset(cfg["val_data"])] if cfg.get("val_data") else roots
+        val_ds = next((v for v in candidates if v.annotation("gtimage", required=False) is not None), None)
 
     # model
     model, spec = create_embedder(cfg["backbone"], pretrained=cfg["pretrained"], embed_dim=cfg["embed_dim"])
@@ -480,7 +509,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return
         blob = {"cfg": cfg, "module": tm.state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict() if use_amp else {}, "epoch": epoch, "batches_done": batches_done,
-                "step": step, "best": best, "history": history}
+                "step": step, "best": best, "history": history, "anchor": anchor}
         with atomic_path(run_dir / STATE_FILE) as tmp:
             torch.save(blob, tmp)
 
@@ -494,6 +523,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         config.metrics = metrics
         save_checkpoint(model, config, run_dir / "weights" / f"{name}.safetensors")
 
+    lp_epochs = int(cfg.get("lp_epochs") or 0)
+    wise_alpha = float(cfg.get("wise_alpha", 1.0))
+    trunk_params = [p for p in model.trunk.parameters() if p.requires_grad]
+    anchor = state.get("anchor") if state else None
+
+    def snapshot_anchor():
+        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+    if anchor is None and lp_epochs == 0:
+        anchor = snapshot_anchor()  # pretrained trunk, fresh head
     out_of_time = False
     # with a wall-time limit the cosine schedule follows whichever is further along, steps or time, so a run cut
     # by --max-minutes still ends at a low learning rate instead of mid-schedule
@@ -506,6 +545,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for epoch in range(epoch0, cfg["epochs"]):
         sampler.set_epoch(epoch)
         set_train_mode(model, frozen, cfg["bn_eval"])
+        probing = epoch < lp_epochs  # LP-FT: the head first, on the pretrained trunk's features
+        for p in trunk_params:
+            p.requires_grad_(not probing)
+        if not probing and anchor is None:
+            anchor = snapshot_anchor()  # the linear-probed head on the pretrained trunk
+            logger.info("linear probe done after %d epochs: the trunk trains from now on", lp_epochs)
         skip = done_in_epoch if epoch == epoch0 else 0
         if cache is not None:
             # one rng per (epoch, rank, batch): a resumed run draws the same views as an uninterrupted one
@@ -578,12 +623,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         last_epoch = epoch == cfg["epochs"] - 1 or out_of_time
         if val_ds is not None and is_primary() and (last_epoch or (cfg["eval_every"] and
                                                                    (epoch + 1) % cfg["eval_every"] == 0)):
-            res = run_eval(model, config, val_ds, cfg["eval_frames"], device)
+            res = run_eval(model, config, val_ds, cfg["eval_frames"], device, seen_ids)
             set_train_mode(model, frozen, cfg["bn_eval"])
             for agg, r in res.items():
                 for k in (1, 5, 10):
                     row[f"{agg}_R{k}"] = round(r[f"R{k}"], 4)
-            r1 = max(r["R1"] for r in res.values())
+            # model selection on products never trained on, where the validation split has them
+            unseen = [r["R1"] for a, r in res.items() if a.endswith("_unseen")]
+            r1 = max(unseen) if unseen else max(r["R1"] for a, r in res.items() if "_" not in a)
             if r1 >= best.get("R1", -1):
                 best = {"R1": r1, "epoch": epoch, "results": res}
                 save_weights("best", {"epoch": epoch, **{a: {k: v for k, v in r.items() if k.startswith("R")}
@@ -601,7 +648,20 @@ def main(argv: Sequence[str] | None = None) -> int:
               "out_of_time": out_of_time, "wall_s": round(time.perf_counter() - t_start, 1),
               "world_size": world, "problems": problems.as_dict()}
     if is_primary() and not stopped:
-        save_weights("last", {"epoch": len(history) - 1, "last_row": history[-1] if history else {}})
+        last_metrics = {"epoch": len(history) - 1, "last_row": history[-1] if history else {}}
+        if wise_alpha < 1.0 and anchor is not None:
+            save_weights("finetuned", last_metrics)
+            # a fresh head (no linear probe) is no anchor for the head: interpolate the trunk only then
+            keys = None if lp_epochs else {k for k in anchor if k.startswith("trunk.")}
+            model.load_state_dict(wise_interpolate(anchor, model.state_dict(), wise_alpha, keys))
+            last_metrics["wise_alpha"] = wise_alpha
+            if val_ds is not None:
+                res = run_eval(model, config, val_ds, cfg["eval_frames"], device, seen_ids)
+                last_metrics["wise"] = {a: {k: round(v, 4) for k, v in r.items() if k.startswith("R")}
+                                        for a, r in res.items()}
+                logger.info("WiSE-FT alpha %.2f: %s", wise_alpha,
+                            ", ".join(f"{a} R1 {r['R1']:.3f}" for a, r in last_metrics["wise"].items()))
+        save_weights("last", last_metrics)
         result.update(weights=str(run_dir / "weights" / "last.safetensors"),
                       best=best, best_weights=str(run_dir / "weights" / "best.safetensors") if best else None)
         write_json(run_dir / "metrics.json", result)

@@ -101,6 +101,18 @@ def test_run_with_detector_crops(clip_and_gallery, emb_weights, det_weights, tmp
         assert all(0 <= b[0] <= b[2] <= w and 0 <= b[1] <= b[3] <= h for b in f["boxes"])
     assert res["products"][0]["support"][0]["box"] is not None
     assert "ms detect" in res["speed"]
+    # fused by default: an unsure detection (~0.012) counts for nothing against its full frame...
+    assert res["settings"]["crop_policy"] == "fuse" and all(f["crop_weights"] == [0.0] for f in res["frames"])
+    code, _, err = _run(["--clip", clip, "--gallery", gallery, "--weights", emb_weights, "--detector-weights",
+                         det_weights, "--conf", "0.01", "--max-frames", "4", "--json", js, "--no-detector"], capsys)
+    full = json.loads(js.read_text())["products"]
+    assert [p["score"] for p in res["products"]] == pytest.approx([p["score"] for p in full], abs=1e-5)
+    # ...and counts alone under --crop-policy crop
+    code, _, err = _run(["--clip", clip, "--gallery", gallery, "--weights", emb_weights, "--detector-weights",
+                         det_weights, "--conf", "0.01", "--max-frames", "4", "--json", js, "--crop-policy", "crop"],
+                        capsys)
+    assert code == 0, err
+    assert all(f["crop_weights"] == [1.0] for f in json.loads(js.read_text())["frames"])
     # (the full-frame fallback when nothing passes --conf is checked in the evaluate test)
 
 
