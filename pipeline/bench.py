@@ -228,8 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also measure peak memory on an N-minute clip")
     p.add_argument("--grocery", default=None, help="LPR4M root for the agreement check ('' = skip; default: "
                                                    f"{SHARED_GROCERY} when present)")
-    p.add_argument("--grocery-weights", help="embedder for the agreement check (default "
-                                             "weights/retriever-grocery.safetensors, else weights/retriever.*)")
+    p.add_argument("--grocery-weights", help="embedder for the agreement check (default weights/retriever.*)")
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--cache", default=None, help="where generated clips and the index go (default LPR cache)")
     p.add_argument("--out", type=output_file, help="write the JSON result here too")
@@ -289,10 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{r['wall_s']:.1f} s)")
             result["long"] = {"minutes": args.long_minutes, "one_minute": r1, "long": r}
     if grocery is not None:
-        w = Path(args.grocery_weights) if args.grocery_weights else None
-        if w is None:
-            g = backends.WEIGHTS_DIR / "retriever-grocery.safetensors"
-            w = g if g.is_file() else backends.default_weights("retriever", "torch")
+        w = Path(args.grocery_weights) if args.grocery_weights else backends.default_weights("retriever", "torch")
         a = agreement(grocery, w)
         print(f"\nagreement on {a['data']} ({a['queries']} queries, {Path(a['weights']).name}):\n"
               f"{'':<28}{'R1':>7}{'R5':>7}\n{'retriever (query frames)':<28}{a['R1_retriever_frames']:7.3f}"
