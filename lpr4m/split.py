@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ import numpy as np
 from lpr4m import annotations as ann
 from lpr4m.cli import Parser, emit_json, fraction, nonnegative_int, output_file, setup_logging
 from lpr4m.errors import BadInput, Problems
-from lpr4m.io import write_json
+from lpr4m.io import new_folder, write_json
 from lpr4m.layout import Dataset
 
 logger = logging.getLogger(__name__)
@@ -45,8 +44,6 @@ def split_by_product(root, out, holdout: float = 0.25, seed: int = 0, problems: 
     problems = problems or Problems()
     ds = Dataset(root, problems)
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise BadInput(out, "already exists and is not an empty folder; split writes a new dataset")
     if out.resolve() == ds.root.resolve() or ds.root.resolve() in out.resolve().parents:
         raise BadInput(out, "must not lie inside the dataset it splits")
     rows = list(ds.training_clips(problems))
@@ -56,11 +53,7 @@ def split_by_product(root, out, holdout: float = 0.25, seed: int = 0, problems: 
     galleries = dict(ds.live_galleries) if ds.annotation("gallery", required=False) else {}
     titles, asr = dict(ds.titles), dict(ds.asr)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.partial"
-    if staging.exists():
-        shutil.rmtree(staging)
-    try:
+    with new_folder(out, "split") as staging:
         (staging / "annotations").mkdir(parents=True)
         kept = [r for r in rows if r.image_id not in held]
         ann.write_training_videoinfo(staging / "annotations" / "training_videoinfo.txt", kept)
@@ -124,12 +117,6 @@ def split_by_product(root, out, holdout: float = 0.25, seed: int = 0, problems: 
             "problems": problems.as_dict(),
         }
         write_json(staging / "split.json", summary)
-        if out.exists():
-            out.rmdir()
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return summary
 
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import time
 import uuid
 from dataclasses import asdict, dataclass, replace
@@ -48,7 +47,7 @@ from lpr4m.annotations import TrainingClip, write_id_map, write_id_text, write_t
 from lpr4m.cli import Parser, emit_json, nonnegative_int, output_file, positive_float, progress, setup_logging
 from lpr4m.errors import BadInput, Problems
 from lpr4m.ids import IMAGE_SUFFIXES
-from lpr4m.io import write_json
+from lpr4m.io import new_folder, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -398,17 +397,6 @@ def _resolve(preset: str, overrides: dict) -> SynthConfig:
     return cfg.check()
 
 
-def _prepare_out(out: Path) -> Path:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise BadInput(out, "already exists and is not an empty folder; synth writes a new dataset (pick a new path)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.partial"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir()
-    return staging
-
-
 def synthesize(out, seed: int = 0, preset: str = "test", progress_bar: bool = True, **overrides) -> dict:
     """Write a synthetic LPR4M-mini to ``out`` (a new or empty folder); returns a summary dict.
 
@@ -420,15 +408,8 @@ def synthesize(out, seed: int = 0, preset: str = "test", progress_bar: bool = Tr
     t0 = time.perf_counter()
     cfg = _resolve(preset, dict(overrides))
     out = Path(out)
-    staging = _prepare_out(out)
-    try:
+    with new_folder(out, "synth") as staging:
         summary = _synthesize(staging, cfg, int(seed), preset, progress_bar)
-        if out.exists():
-            out.rmdir()
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     summary["root"] = str(out)
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     summary["bytes"] = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())

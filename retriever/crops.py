@@ -122,8 +122,8 @@ def crop_weight(score: float, policy: str = "fuse") -> float:
     """How much a detector crop counts against its full frame: 0 (full frame) to 1 (crop alone).
 
     ``fuse`` ramps linearly from 0 at score ``FUSE_LOW`` to 1 at ``FUSE_HIGH``: a confident detection (the
-    detector's own world) is the crop, an unsure one on unfamiliar footage leans on the whole frame, so a detector
-    that fails on real frames costs nothing against full frames; ``crop`` is the crop alone whatever its score.
+    detector's own world) is the crop, an unsure one on unfamiliar footage leans on the whole frame, so an unsure
+    detector costs nothing against full frames; ``crop`` is the crop alone whatever its score.
     """
     if policy == "crop":
         return 1.0
@@ -132,11 +132,11 @@ def crop_weight(score: float, policy: str = "fuse") -> float:
     return float(min(1.0, max(0.0, (float(score) - FUSE_LOW) / (FUSE_HIGH - FUSE_LOW))))
 
 
-def fuse(crop_embs: np.ndarray, full_emb: np.ndarray | None, weights) -> np.ndarray:
+def fuse(crop_embs: np.ndarray, full_emb: np.ndarray, weights) -> np.ndarray:
     """Rows ``w * crop + (1 - w) * full``, re-normalised: one row per crop of a frame."""
     crop_embs = np.asarray(crop_embs, np.float32).reshape(len(weights), -1)
     w = np.asarray(weights, np.float32).reshape(-1, 1)
-    out = crop_embs if full_emb is None else w * crop_embs + (1 - w) * np.asarray(full_emb, np.float32).reshape(1, -1)
+    out = w * crop_embs + (1 - w) * np.asarray(full_emb, np.float32).reshape(1, -1)
     return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
 
 

@@ -48,7 +48,8 @@ DEFAULTS = dict(backbone="efficientnet_lite0", pretrained=True, embed_dim=256, i
                 weight_decay=0.05, warmup_steps=20, train_frames=3, train_agg="attention", pmd=False,
                 pmd_weight=0.5, freeze_stages=0, bn_eval=True, cache_views=0, image_views=16, amp=False,
                 workers=4, threads=0, log_every=10, ckpt_every=200, eval_every=1, eval_frames=10,
-                max_minutes=0.0, temperature=0.07, seed=0, max_side=None, limit=None, lp_epochs=0, wise_alpha=1.0, tta="none")
+                max_minutes=0.0, temperature=0.07, seed=0, max_side=None, limit=None, lp_epochs=0, wise_alpha=1.0,
+                tta="none")
 PRESETS = {
     "cpu": dict(backbone="efficientnet_lite0", input_size=224, epochs=30, batch_size=32, lr=5e-4, head_lr_mult=5.0,
                 warmup_steps=15, train_frames=3, freeze_stages=5, bn_eval=True, cache_views=4, image_views=24,
@@ -269,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LPR4M root(s) with annotations/training_videoinfo*.txt; several roots train together")
     g.add_argument("--val-data", help="LPR4M root whose test split is evaluated each --eval-every epochs "
                                       "(default: the first --data root with a test split; 'none' to skip)")
-    g.add_argument("--limit", type=positive_int, help="use only the first N training clips")
+    g.add_argument("--limit", type=positive_int, help="use only the first N training clips of each root")
     g.add_argument("--max-side", type=positive_int, help="shrink decoded training images to this longest side")
     g = p.add_argument_group("model")
     g.add_argument("--preset", choices=sorted(PRESETS), help="defaults for a CPU demo or LPR4M-scale GPU training")
@@ -531,7 +532,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     def snapshot_anchor():
         return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
-    if anchor is None and lp_epochs == 0:
+    keep_anchor = wise_alpha < 1.0  # WiSE-FT needs it; plain runs do not carry a second model in their state
+    if anchor is None and lp_epochs == 0 and keep_anchor:
         anchor = snapshot_anchor()  # pretrained trunk, fresh head
     out_of_time = False
     # with a wall-time limit the cosine schedule follows whichever is further along, steps or time, so a run cut
@@ -548,9 +550,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         probing = epoch < lp_epochs  # LP-FT: the head first, on the pretrained trunk's features
         for p in trunk_params:
             p.requires_grad_(not probing)
-        if not probing and anchor is None:
-            anchor = snapshot_anchor()  # the linear-probed head on the pretrained trunk
+        if not probing and epoch == lp_epochs and lp_epochs:
             logger.info("linear probe done after %d epochs: the trunk trains from now on", lp_epochs)
+            if keep_anchor and anchor is None:
+                anchor = snapshot_anchor()  # the linear-probed head on the pretrained trunk
         skip = done_in_epoch if epoch == epoch0 else 0
         if cache is not None:
             # one rng per (epoch, rank, batch): a resumed run draws the same views as an uninterrupted one

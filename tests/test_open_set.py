@@ -1,7 +1,6 @@
 """Open-set evaluation: the split by product, seen / unseen rank-k, LP-FT + WiSE-FT training, flip TTA and the
 crop policy that fuses detector crops with their full frames."""
 import json
-import os
 from pathlib import Path
 
 import numpy as np
