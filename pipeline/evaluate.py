@@ -25,6 +25,7 @@ logger = logging.getLogger("pipeline.evaluate")
 
 def build_parser() -> argparse.ArgumentParser:
     from pipeline.backends import BACKENDS
+    from retriever.crops import CROP_POLICIES
     p = Parser(
         prog="python pipeline/evaluate.py", description=__doc__.split("\n\n")[0].split(":", 1)[-1].strip())
     p.add_argument("--data", required=True, help="LPR4M root with a test split")
@@ -42,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--aggregation", choices=("mean", "attention", "max"), default=None)
     p.add_argument("--conf", type=fraction, default=0.25, help="detector score a box needs to be cropped")
     p.add_argument("--crops-per-frame", type=positive_int, default=1)
-    p.add_argument("--crop-policy", choices=("fuse", "crop"), default="fuse",
+    p.add_argument("--crop-policy", choices=CROP_POLICIES, default="fuse",
                    help="fuse each crop with its full frame by detector confidence (an unsure detection leans on "
                         "the whole frame), or embed the crop alone")
     p.add_argument("--train-data", action="append", default=None, metavar="ROOT",

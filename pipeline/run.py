@@ -25,6 +25,7 @@ logger = logging.getLogger("pipeline.run")
 
 def build_parser() -> argparse.ArgumentParser:
     from pipeline.backends import BACKENDS, DEMO_DIR
+    from retriever.crops import CROP_POLICIES
     p = Parser(
         prog="python pipeline/run.py", description=__doc__.split("\n\n")[0].split(":", 1)[-1].strip())
     p.add_argument("--clip", required=True, help="video file (mp4, mov, mkv, avi, ...)")
@@ -44,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--conf", type=fraction, default=0.25, help="detector score threshold")
     p.add_argument("--crops-per-frame", type=positive_int, default=1,
                    help="highest-scoring detections embedded per frame")
-    p.add_argument("--crop-policy", choices=("fuse", "crop"), default="fuse",
+    p.add_argument("--crop-policy", choices=CROP_POLICIES, default="fuse",
                    help="fuse each crop with its full frame by detector confidence (an unsure detection leans on "
                         "the whole frame), or embed the crop alone")
     p.add_argument("--aggregation", choices=("mean", "attention", "max"), default=None,
@@ -115,7 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_live_ids([args.live], gallery.live_ids, args.index or args.gallery or backends.DEMO_DIR / "gallery")
     result, rec = recognize_video(
         args.clip, embedder, gallery, detector, fps=args.fps, max_frames=args.max_frames, k=args.topk,
-        method=args.aggregation, crops_per_frame=args.crops_per_frame, crop_policy=args.crop_policy, thumbs=args.html_frames if args.html else 0,
+        method=args.aggregation, crops_per_frame=args.crops_per_frame, crop_policy=args.crop_policy,
+        thumbs=args.html_frames if args.html else 0,
         segment=args.segment, seg_window_s=args.seg_window, seg_threshold=args.seg_threshold,
         seg_hysteresis=args.seg_hysteresis, live_id=args.live, batch=args.batch,
         settings={"backend": args.backend, "device": device, "index": str(gallery.path) if gallery.path else None,

@@ -344,7 +344,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.info("\n%s", product_table(out["by_product"], args.ks))
     result = {"data": str(ds.root), "weights": str(args.weights), "fingerprint": embedder.fingerprint,
               "crops": crops, "crop_policy": args.crop_policy if crops == "detector" else None,
-              "tta": embedder.config.tta, "frames": args.frames, "main_only": not args.all_views, "results": out["results"],
+              "tta": embedder.config.tta, "frames": args.frames, "main_only": not args.all_views,
+              "results": out["results"],
               "by_product": out["by_product"], "train_data": args.train_data,
               "timing_s": out["timing_s"], "problems": problems.as_dict()}
     emit_json(result, args.out)
