@@ -73,7 +73,7 @@ def split_by_product(root, out, holdout: float = 0.25, seed: int = 0, problems: 
         # held-out training clips become queries, ranked among the products of their own live
         boxes, live_products = {}, {}
         for r in rows:
-            live_products.setdefault(r.live_id, {})[r.image_id] = r.image_title
+            live_products.setdefault(r.live_id, set()).add(r.image_id)
         held_rows = [r for r in rows if r.image_id in held]
         for r in held_rows:
             if not ds.path("training_video", r.video_id).is_dir():
@@ -88,14 +88,14 @@ def split_by_product(root, out, holdout: float = 0.25, seed: int = 0, problems: 
             boxes.update({f: b for f, b in zip(r.frame_ids, r.boxes) if b})
         for live in sorted({r.live_id for r in held_rows}):
             listed = galleries.setdefault(live, [])
-            for image_id, title in sorted(live_products[live].items()):
+            for image_id in sorted(live_products[live]):
                 if image_id in listed or not ds.training_image_path(image_id).is_file():
                     continue
                 link = staging / "gallery" / live / f"{image_id}-0.jpg"
                 if not link.exists():
                     _link(ds.training_image_path(image_id), link)
                 listed.append(image_id)
-                titles.setdefault(image_id, title)
+                titles.setdefault(image_id, title_of[image_id])
         if ds.annotation("gtbox", required=False):
             boxes = {**ds.gt_boxes, **boxes}
         a = staging / "annotations"
@@ -106,14 +106,13 @@ def split_by_product(root, out, holdout: float = 0.25, seed: int = 0, problems: 
         ann.write_id_text(a / "test_image_title.txt", titles)
         ann.write_id_text(a / "test_videoid_asr.txt", asr)
         seen_ids = {r.image_id for r in kept}
+        n_seen = sum(1 for ids in gt.values() if set(ids) & seen_ids)
         summary = {
             "root": str(ds.root), "out": str(out), "seed": seed, "holdout_products": holdout,
             "products": {"train": len(seen_ids), "held_out": len(held)},
             "held_out": {i: title_of[i] for i in sorted(held)},
             "training_clips": len(kept),
-            "test_queries": {"total": len(gt),
-                             "seen": sum(1 for ids in gt.values() if set(ids) & seen_ids),
-                             "unseen": sum(1 for ids in gt.values() if not set(ids) & seen_ids)},
+            "test_queries": {"total": len(gt), "seen": n_seen, "unseen": len(gt) - n_seen},
             "problems": problems.as_dict(),
         }
         write_json(staging / "split.json", summary)

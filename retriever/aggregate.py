@@ -12,7 +12,8 @@ import numpy as np
 METHODS = ("mean", "attention", "max")
 
 
-def _normalise(v: np.ndarray) -> np.ndarray:
+def l2_normalise(v: np.ndarray) -> np.ndarray:
+    """Unit rows (float32) along the last axis."""
     n = np.linalg.norm(v, axis=-1, keepdims=True)
     return (v / np.maximum(n, 1e-12)).astype(np.float32)
 
@@ -35,9 +36,9 @@ def aggregate(embeddings: np.ndarray, method: str = "mean", embedder=None,
     if e.ndim != 2 or len(e) == 0:
         raise ValueError(f"expected a non-empty (N, D) array of embeddings, got shape {e.shape}")
     if method == "mean":
-        return _normalise(e.mean(0))
+        return l2_normalise(e.mean(0))
     if method == "attention":
-        return _normalise(attention_weights(e, embedder, scores) @ e)
+        return l2_normalise(attention_weights(e, embedder, scores) @ e)
     if method == "max":
         raise ValueError("'max' is set-to-image similarity and has no clip vector: use set_scores(frames, gallery)")
     raise ValueError(f"unknown aggregation {method!r}; expected one of {METHODS}")

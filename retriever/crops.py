@@ -7,6 +7,7 @@ from typing import Sequence
 import numpy as np
 
 from lpr4m.errors import BadInput
+from retriever.aggregate import l2_normalise
 
 logger = logging.getLogger(__name__)
 
@@ -136,8 +137,7 @@ def fuse(crop_embs: np.ndarray, full_emb: np.ndarray, weights) -> np.ndarray:
     """Rows ``w * crop + (1 - w) * full``, re-normalised: one row per crop of a frame."""
     crop_embs = np.asarray(crop_embs, np.float32).reshape(len(weights), -1)
     w = np.asarray(weights, np.float32).reshape(-1, 1)
-    out = w * crop_embs + (1 - w) * np.asarray(full_emb, np.float32).reshape(1, -1)
-    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+    return l2_normalise(w * crop_embs + (1 - w) * np.asarray(full_emb, np.float32).reshape(1, -1))
 
 
 def clip_inputs(frames: Sequence[np.ndarray], mode: str = "none", boxes: Sequence[list | None] | None = None,

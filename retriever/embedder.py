@@ -13,6 +13,7 @@ import numpy as np
 from lpr4m.cli import onnx_providers, torch_device
 from lpr4m.errors import BadInput
 from lpr4m.io import sha256_file
+from retriever.aggregate import l2_normalise
 from retriever.config import EmbedderConfig, config_path_for
 from retriever.preprocess import to_batch
 
@@ -138,11 +139,11 @@ class Embedder:
             if flip:
                 n = len(batch)
                 y = np.asarray(self.backend(np.concatenate([batch, batch[..., ::-1]])), np.float32)
-                y = _unit(y[:n]) + _unit(y[n:])
+                y = l2_normalise(y[:n]) + l2_normalise(y[n:])
             else:
                 y = np.asarray(self.backend(batch), np.float32)
             out[i:i + len(y)] = y
-        return _unit(out)
+        return l2_normalise(out)
 
     def quality(self, embeddings: np.ndarray) -> np.ndarray:
         """Pooling scores (N,) of frame embeddings (higher = more weight); zeros when the head is absent."""
@@ -152,10 +153,6 @@ class Embedder:
         p = self._pool
         h = np.maximum(embeddings @ p["fc1.weight"].T + p["fc1.bias"], 0.0)
         return (h @ p["fc2.weight"].T + p["fc2.bias"]).reshape(-1).astype(np.float32)
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def pool_params_from_model(model) -> dict:
