@@ -1,8 +1,10 @@
-"""The gallery index: shop-image embeddings in faiss, saved as a folder with ``index.faiss`` + ``meta.json``.
+"""The gallery index: shop-image embeddings in faiss, saved as a folder with ``index-<token>.faiss`` + ``meta.json``.
 
-Why a folder: the index and its meta (embedder fingerprint, ids, titles, paths) must change together. Both are
-written into a temporary sibling folder that is then swapped in, so a reader sees the old pair or the new pair,
-never a mix; ``meta.json`` also records the index file's sha256 and ``load`` checks it.
+Why a folder: the index and its meta (embedder fingerprint, ids, titles, paths) must change together. A save
+writes a new index file beside the old one, then replaces ``meta.json`` (which names its index file) in one atomic
+rename, so a reader or a kill sees the old pair or the new pair, never a mix or nothing; ``meta.json`` records the
+index file's sha256 and a checksum of its rows, and ``load`` checks both. Writers take a lock on the folder, and a
+folder that is not one of our indexes is never written to.
 
 Vectors are L2-normalised and searched by inner product (= cosine). Every index is addressed by our own int64
 ids (``IndexIDMap2`` around flat / HNSW, native ids for IVF), so ``add`` and ``remove`` need no rebuild; HNSW
@@ -16,8 +18,9 @@ import json
 import logging
 import math
 import os
+import re
+import secrets
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,15 +29,16 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from lpr4m.errors import BadInput, Problems
-from lpr4m.ids import GALLERY_NAME_RE, IMAGE_SUFFIXES, LIVE_ID_RE
+from lpr4m.ids import GALLERY_NAME_RE, IMAGE_SUFFIXES, LIVE_ID_RE, check_safe_name
 from lpr4m.io import atomic_path, read_json, sha256_file, write_json
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "lpr-gallery-index"
 VERSION = 1
-INDEX_FILE = "index.faiss"
+INDEX_FILE = "index.faiss"  # the name versions before index-<token>.faiss used
 META_FILE = "meta.json"
+LOCK_FILE = ".lock"
 INDEX_TYPES = ("flat", "ivfpq", "hnsw")
 MIN_IVFPQ_TRAIN = 1000  # below this, k-means/PQ training is meaningless: fall back to the exact index
 TITLE_FILES = ("titles.txt", "titles.tsv")
@@ -117,12 +121,16 @@ def collect_folder(folder: Path) -> list[GalleryItem]:
             titles = {**Dataset(root).titles, **titles}
             break
     items = []
+    seen: dict[tuple[str, str, int], Path] = {}
     for p in sorted(folder.rglob("*")):
         if p.suffix.lower() not in IMAGE_SUFFIXES or not p.is_file() or p.name.startswith("."):
             continue
         image_id, view = _name_to_id(p.stem)
         rel = p.relative_to(folder)
         live_id = rel.parts[0] if len(rel.parts) > 1 else (folder.name if LIVE_ID_RE.match(folder.name) else "")
+        if (other := seen.setdefault((live_id, image_id, view), rel)) != rel:
+            raise BadInput(folder / rel, f"the same shop image as {other} (image id {image_id!r}, view {view}); "
+                                         "keep one of the two files")
         items.append(GalleryItem(image_id, view, live_id, titles.get(image_id, titles.get(p.stem, "")),
                                  rel.as_posix()))
     return items
@@ -568,53 +576,38 @@ class GalleryIndex:
 
     # -- persistence -------------------------------------------------------------------------------------------
     def save(self, path, relative_root: bool = True) -> Path:
-        """Write ``path/`` = {index.faiss, meta.json} atomically (temp folder + swap).
+        """Write ``path/`` = {index-<token>.faiss, meta.json}; ``meta.json`` names its index file and is replaced
+        in one atomic rename, so a reader or a kill sees the old pair or the new pair, never neither.
 
+        Only our files are touched: ``path`` must be new, empty or one of our index folders (``check_out``), the
+        index file the new meta no longer names and our stale temp files are removed, nothing else.
         ``relative_root``: store the gallery folder relative to the index folder (the pair can move together);
         a cache far from the gallery stores it absolute."""
         faiss = _faiss()
         path = Path(path)
-        if path.exists() and not (path.is_dir() and ((path / META_FILE).exists() or not any(path.iterdir()))):
-            raise BadInput(path, "exists and is not a gallery index folder (choose another --out)")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700; an index folder is an ordinary output
-        old = None
-        try:
-            with atomic_path(tmp / INDEX_FILE) as p:
-                faiss.write_index(self.index, str(p))
-            meta = dict(self.meta)
-            root = meta.get("gallery_root")
-            if relative_root and root is not None and Path(root).is_absolute():
-                # relative to the index folder, so a repo-local cache or a copied folder keeps working
-                meta["gallery_root"] = os.path.relpath(root, path.resolve())
-            meta.update(index_file=INDEX_FILE, index_sha256=sha256_file(tmp / INDEX_FILE), ntotal=self.ntotal,
-                        rows_sha256=rows_sha256(meta))
-            write_json(tmp / META_FILE, meta, indent=1)
-            if path.exists():
-                old = path.parent / f".{path.name}.old-{os.getpid()}-{time.time_ns()}"
-                os.rename(path, old)
+        with index_lock(path):
+            name = f"index-{secrets.token_hex(8)}.faiss"
             try:
-                os.rename(tmp, path)
+                with atomic_path(path / name) as p:
+                    faiss.write_index(self.index, str(p))
+                meta = dict(self.meta)
+                root = meta.get("gallery_root")
+                if relative_root and root is not None and Path(root).is_absolute():
+                    # relative to the index folder, so a repo-local cache or a copied folder keeps working
+                    meta["gallery_root"] = os.path.relpath(root, path.resolve())
+                meta.update(index_file=name, index_sha256=sha256_file(path / name), ntotal=self.ntotal,
+                            rows_sha256=rows_sha256(meta))
+                write_json(path / META_FILE, meta, indent=1)  # the switch
             except BaseException:
-                if old is not None:
-                    os.rename(old, path)
-                    old = None
+                (path / name).unlink(missing_ok=True)
                 raise
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        finally:
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+            _remove_stale(path, keep=name)
         self.path = path
-        self.meta.update(index_file=INDEX_FILE, ntotal=self.ntotal)
+        self.meta.update(index_file=name, ntotal=self.ntotal)
         return path
 
     @classmethod
-    def load(cls, path, embedder=None) -> "GalleryIndex":
+    def load(cls, path, embedder=None, _retry: bool = True) -> "GalleryIndex":
         """Read an index folder (or its meta.json / index.faiss); checks format, integrity and the embedder."""
         faiss = _faiss()
         path = Path(path)
@@ -628,17 +621,19 @@ class GalleryIndex:
         if meta.get("format") != FORMAT:
             raise BadInput(path / META_FILE, f"not a gallery index meta file (format is not {FORMAT!r})")
         missing = [k for k in ("embedder", "dim", "ids", "image_ids", "views", "live_ids", "paths", "titles",
-                               "factory", "index_type") if k not in meta]
+                               "factory", "index_type", "index_sha256", "rows_sha256") if k not in meta]
         if missing:
             raise BadInput(path / META_FILE, f"incomplete index meta (missing {', '.join(missing)})")
         lengths = {len(meta[c]) for c in ROW_COLUMNS}
-        if len(lengths) != 1 or (meta.get("rows_sha256") and rows_sha256(meta) != meta["rows_sha256"]):
+        if len(lengths) != 1 or rows_sha256(meta) != meta["rows_sha256"]:
             raise BadInput(path / META_FILE, f"{'/'.join(ROW_COLUMNS)} do not match the index they were written "
                                              "with (edited or damaged meta.json; rebuild the index)")
-        ipath = path / meta.get("index_file", INDEX_FILE)
+        ipath = path / check_safe_name(str(meta.get("index_file", INDEX_FILE)), "index file name", path / META_FILE)
         if not ipath.is_file():
+            if _retry and read_json(path / META_FILE, expect=dict).get("index_file") != meta.get("index_file"):
+                return cls.load(path, embedder, _retry=False)  # a writer switched to a new pair meanwhile
             raise BadInput(ipath, "index file missing next to meta.json")
-        if meta.get("index_sha256") and sha256_file(ipath) != meta["index_sha256"]:
+        if sha256_file(ipath) != meta["index_sha256"]:
             raise BadInput(ipath, "index file does not match its meta.json (sha256 differs; rebuild the index)")
         try:
             index = faiss.read_index(str(ipath))
@@ -662,6 +657,86 @@ class GalleryIndex:
                 "factory": self.meta["factory"], "dim": self.dim, "ntotal": self.ntotal,
                 "products": len(self.image_ids), "lives": len(self.live_ids),
                 "embedder": self.meta["embedder"], "skipped": len(self.meta.get("skipped", []))}
+
+
+def is_index_folder(path: Path) -> bool:
+    """Whether ``path`` is one of our index folders: its ``meta.json`` is a JSON object of our format."""
+    try:
+        return read_json(Path(path) / META_FILE, expect=dict).get("format") == FORMAT
+    except BadInput:
+        return False
+
+
+def check_out(path) -> Path:
+    """``path`` as an index folder we may write: new, empty, or ours. Anything else exits 2 before any work, so an
+    index is never written over a folder of the user's."""
+    path = Path(path)
+    if not path.exists():
+        return path
+    if not path.is_dir():
+        raise BadInput(path, "exists and is not a folder (choose another --out for the index)")
+    if any(p.name != LOCK_FILE for p in path.iterdir()) and not is_index_folder(path):
+        raise BadInput(path, f"is a non-empty folder that is not a gallery index (no {META_FILE} of format "
+                             f"{FORMAT!r}); choose another --out")
+    return path
+
+
+_HELD: dict[str, list] = {}  # index folder -> [open lock file, depth]: the lock is re-entrant within a process
+
+
+@contextlib.contextmanager
+def index_lock(path):
+    """One writer at a time for an index folder (``fcntl.flock`` on ``path/.lock``; a second writer waits and says
+    for whom). Re-entrant, so a load-modify-save can hold it around ``save``. ``path`` is checked first."""
+    import fcntl
+    path = check_out(path)
+    key = str(path.resolve())
+    if key in _HELD:
+        _HELD[key][1] += 1
+        try:
+            yield
+        finally:
+            _HELD[key][1] -= 1
+        return
+    created = not path.exists()
+    path.mkdir(parents=True, exist_ok=True)
+    f = open(path / LOCK_FILE, "a+", encoding="utf-8")
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            logger.warning("waiting for the index %s: another writer holds it (%s)", path, f.read().strip() or "?")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}\n")
+        f.flush()
+        _HELD[key] = [f, 1]
+        try:
+            yield
+        finally:
+            del _HELD[key]
+            if created and not (path / META_FILE).exists():  # a first build that failed leaves no folder
+                (path / LOCK_FILE).unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    path.rmdir()
+    finally:
+        f.close()  # closing releases the lock
+
+
+_STALE = re.compile(r"^(index-[0-9a-f]{16}\.faiss|\.(index(-[0-9a-f]{16})?\.faiss|meta\.json)\..+\.(tmp|faiss))$")
+
+
+def _remove_stale(path: Path, keep: str) -> None:
+    """Our index files that ``meta.json`` no longer names and our temp files a killed writer left (the caller
+    holds the lock, so no writer is using them); also the folders older versions swapped through."""
+    for p in path.iterdir():
+        if p.name != keep and p.is_file() and (_STALE.match(p.name) or p.name == INDEX_FILE):
+            p.unlink(missing_ok=True)
+    for p in path.parent.glob(f".{path.name}.*"):
+        if p.is_dir() and (p.name.endswith(".tmp") or p.name.startswith(f".{path.name}.old-")):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def rows_sha256(meta: dict) -> str:

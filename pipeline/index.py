@@ -52,14 +52,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
-    from pipeline import backends
-    from pipeline.gallery import GalleryIndex, collect, report_skipped
+    from pipeline.gallery import check_out, index_lock
 
     modes = [bool(args.gallery), bool(args.add), bool(args.remove)]
     if sum(modes) != 1:
         raise BadInput(None, "give exactly one of --gallery (build), --add DIR or --remove ID ...")
     problems = Problems(strict=args.strict)
-    out = Path(args.out)
+    out = check_out(args.out)  # before any work: an --out that is not ours is refused now
+    with index_lock(out):  # one writer at a time: a concurrent --add waits instead of losing an update
+        return _write(args, out, problems)
+
+
+def _write(args, out: Path, problems: Problems) -> int:
+    from pipeline import backends
+    from pipeline.gallery import GalleryIndex, collect, report_skipped
     if args.remove:
         gi = GalleryIndex.load(out)
         n, unknown = gi.remove(args.remove)

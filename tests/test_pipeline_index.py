@@ -170,17 +170,137 @@ def test_save_is_atomic_and_load_checks_integrity(tmp_path, monkeypatch):
         gi.save(out)
     monkeypatch.undo()
     assert (out / "meta.json").read_bytes() == before  # old pair intact
+    index_file = json.loads(before)["index_file"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]  # no temp folders left
+    assert sorted(p.name for p in out.iterdir()) == sorted([".lock", index_file, "meta.json"])
     assert G.GalleryIndex.load(out).ntotal == 10
     # a changed index file is caught by its sha256
-    (out / "index.faiss").write_bytes((out / "index.faiss").read_bytes()[:-8])
+    (out / index_file).write_bytes((out / index_file).read_bytes()[:-8])
     with pytest.raises(BadInput, match="does not match its meta.json"):
         G.GalleryIndex.load(out)
     (tmp_path / "file").write_text("x")
-    with pytest.raises(BadInput, match="not a gallery index folder"):
+    with pytest.raises(BadInput, match="exists and is not a folder"):
         gi.save(tmp_path / "file")
     with pytest.raises(BadInput, match="index not found"):
         G.GalleryIndex.load(tmp_path / "missing")
+
+
+def test_index_folder_is_ours_or_refused_and_updates_touch_only_our_files(tmp_path):
+    from pipeline import gallery as G
+    gi = G.GalleryIndex.from_vectors(_clustered(10), _items(10), {"fingerprint": "fp"})
+    project = tmp_path / "project"  # a user's folder that happens to hold a meta.json
+    (project / "src").mkdir(parents=True)
+    (project / "meta.json").write_text('{"name": "my thesis"}')
+    (project / "thesis.tex").write_text("years of work")
+    with pytest.raises(BadInput, match="not a gallery index"):
+        gi.save(project)
+    assert sorted(p.name for p in project.iterdir()) == ["meta.json", "src", "thesis.tex"]
+    out = gi.save(tmp_path / "idx")
+    (out / "NOTES.txt").write_text("mine")
+    (out / "old_backup").mkdir()
+    (out / "old_backup" / "x").write_text("mine too")
+    # what a killed writer of this or an older version leaves: temp files inside, swap folders beside
+    (out / ".meta.json.k1ll3d.tmp").write_text("{")
+    (out / "index-0123456789abcdef.faiss").write_bytes(b"orphan")
+    (tmp_path / ".idx.abc123.tmp").mkdir()
+    (tmp_path / ".idx.old-1-2").mkdir()
+    gi.remove(["img0"])
+    gi.save(out)
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted([".lock", "NOTES.txt", "old_backup", "meta.json", gi.meta["index_file"]])
+    assert (out / "old_backup" / "x").read_text() == "mine too"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx", "project"]
+    assert G.GalleryIndex.load(out).ntotal == 8
+
+
+def test_a_kill_between_the_two_writes_leaves_the_old_pair_and_the_next_save_cleans_up(tmp_path, monkeypatch):
+    from pipeline import gallery as G
+    gi = G.GalleryIndex.from_vectors(_clustered(10), _items(10), {"fingerprint": "fp"})
+    out = gi.save(tmp_path / "idx")
+    gi.remove(["img1"])
+
+    class Killed(BaseException):
+        """Stands in for SIGKILL after the new index file is written, before meta.json is switched."""
+
+    def killed(*a, **k):
+        raise Killed()
+
+    with monkeypatch.context() as m:
+        m.setattr(G, "write_json", killed)
+        m.setattr(Path, "unlink", lambda *a, **k: None)  # a kill runs no clean-up
+        with pytest.raises(Killed):
+            gi.save(out)
+    assert len(list(out.glob("index-*.faiss"))) == 2  # the new file is orphaned, the old pair untouched
+    assert G.GalleryIndex.load(out).ntotal == 10
+    gi.save(out)
+    assert len(list(out.glob("index-*.faiss"))) == 1 and G.GalleryIndex.load(out).ntotal == 8
+
+
+_WRITER = """
+import sys, time
+from pipeline import gallery as G
+import numpy as np
+out, key = sys.argv[1], sys.argv[2]
+with G.index_lock(out):
+    gi = G.GalleryIndex.load(out)
+    time.sleep(1.0)  # both processes would read the same state here without the lock
+    x = np.random.default_rng(len(key)).standard_normal((1, 32)).astype(np.float32)
+    gi.add_vectors(x / np.linalg.norm(x), [G.GalleryItem(key, 0, "liveA", key, key + ".jpg")])
+    gi.save(out)
+"""
+
+
+def test_two_writer_processes_never_lose_an_update(tmp_path):
+    import subprocess
+    import sys
+    from pipeline import gallery as G
+    out = G.GalleryIndex.from_vectors(_clustered(10), _items(10), {"fingerprint": "fp"}).save(tmp_path / "idx")
+    repo = Path(__file__).resolve().parents[1]
+    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, str(out), key], cwd=repo, stderr=subprocess.PIPE,
+                              text=True) for key in ("new-a", "new-bb")]
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    assert "another writer holds it (pid" in "".join(errs)  # the second one waited, and said for whom
+    gi = G.GalleryIndex.load(out)
+    assert gi.ntotal == 12 and {"new-a", "new-bb"} <= set(gi.image_ids)
+
+
+_SAVER = """
+import sys
+import numpy as np
+from pipeline import gallery as G
+out = sys.argv[1]
+base = G.GalleryIndex.load(out)
+x = base.vectors()
+items = [G.GalleryItem(i, v, lv, "", p) for i, v, lv, p in zip(base.meta["image_ids"], base.meta["views"],
+                                                                  base.meta["live_ids"], base.meta["paths"])]
+small = G.GalleryIndex.from_vectors(x[:8], items[:8], base.meta["embedder"])
+print("ready", flush=True)
+while True:  # the old pair and a new pair, saved over each other until killed
+    small.save(out)
+    base.save(out)
+"""
+
+
+def test_kill_9_at_any_moment_of_a_save_leaves_a_whole_index(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pipeline import gallery as G
+    out = G.GalleryIndex.from_vectors(_clustered(10), _items(10), {"fingerprint": "fp"}).save(tmp_path / "idx")
+    repo = Path(__file__).resolve().parents[1]
+    rng = np.random.default_rng(0)
+    for _ in range(6):
+        proc = subprocess.Popen([sys.executable, "-c", _SAVER, str(out)], cwd=repo, stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(float(rng.uniform(0.05, 0.4)))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert G.GalleryIndex.load(out).ntotal in (8, 10)  # the old pair or the new one, never neither
+    G.GalleryIndex.load(out).save(out)
+    assert len(list(out.glob("index-*.faiss"))) == 1 and not list(out.glob(".*.tmp")) + list(out.glob(".*.faiss"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
 
 
 def test_load_refuses_meta_rows_that_do_not_match_the_index(tmp_path):
@@ -192,10 +312,9 @@ def test_load_refuses_meta_rows_that_do_not_match_the_index(tmp_path):
     with pytest.raises(BadInput, match=r"meta\.json: .*do not match the index") as exc:
         G.GalleryIndex.load(out)
     assert "\n" not in str(exc.value)
-    meta["image_ids"] = meta["image_ids"][:-1]  # and a legacy meta (no checksum) with a short list
-    del meta["rows_sha256"]
+    del meta["rows_sha256"]  # a meta without its checksums is refused, not trusted
     (out / "meta.json").write_text(json.dumps(meta))
-    with pytest.raises(BadInput, match="do not match"):
+    with pytest.raises(BadInput, match=r"incomplete index meta \(missing rows_sha256\)"):
         G.GalleryIndex.load(out)
 
 
@@ -268,6 +387,19 @@ def test_index_cli_bad_galleries(tmp_path, emb_weights, lpr4m_mini, capsys):
     code, _, err = _run(main, ["--gallery", empty, "--out", tmp_path / "o1", "--weights", emb_weights], capsys)
     assert code == 2 and "no shop images found" in err
     assert not (tmp_path / "o1").exists()
+    twins = tmp_path / "twins"  # one product id from two files: which one an id means would be a guess
+    twins.mkdir()
+    one = next(p for p in sorted(next((lpr4m_mini / "gallery").iterdir()).iterdir()) if p.stem.endswith("-0"))
+    shutil.copy(one, twins / one.name)
+    shutil.copy(one, twins / (one.stem + ".png"))
+    code, _, err = _run(main, ["--gallery", twins, "--out", tmp_path / "o0", "--weights", emb_weights], capsys)
+    assert code == 2 and "the same shop image as" in err and not (tmp_path / "o0").exists()
+    project = tmp_path / "project"  # not an index: refused before the embedder is even loaded
+    project.mkdir()
+    (project / "meta.json").write_text("{}")
+    code, _, err = _run(main, ["--gallery", lpr4m_mini, "--out", project, "--weights", tmp_path / "nope"], capsys)
+    assert code == 2 and "is a non-empty folder that is not a gallery index" in err
+    assert [p.name for p in project.iterdir()] == ["meta.json"]
     # two good images, one corrupt and one empty file: skipped and listed; --strict makes it fatal
     mixed = tmp_path / "mixed"
     mixed.mkdir()
