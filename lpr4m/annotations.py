@@ -224,7 +224,7 @@ def read_id_text(path, key_parser=check_safe_name) -> dict[str, str]:
     path = Path(path)
     out = {}
     try:
-        with open(path, encoding="utf-8", newline="") as f:
+        with open(path, encoding="utf-8-sig", newline="") as f:  # a BOM is not part of the first id
             for lineno, text in enumerate(f, 1):
                 text = text.rstrip("\r\n")
                 if not text.strip():

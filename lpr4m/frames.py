@@ -18,6 +18,7 @@ import itertools
 import logging
 import math
 import os
+import re
 from fractions import Fraction
 from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple
@@ -64,6 +65,9 @@ def _check_file(path: Path) -> None:
     try:
         size = path.stat().st_size
     except FileNotFoundError:
+        if re.match(r"^[a-z][a-z0-9+.-]*:/", str(path), re.IGNORECASE):  # Path() folded "rtmp://" to "rtmp:/"
+            raise BadInput(str(path).replace(":/", "://", 1), "a URL, not a video file: download the video first "
+                                                              "(streams and URLs are not read here)") from None
         raise BadInput(path, "video not found") from None
     except OSError as e:
         raise BadInput(path, f"cannot read video ({e.strerror})") from None

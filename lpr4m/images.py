@@ -11,10 +11,28 @@ from lpr4m.errors import BadInput
 
 
 def load_rgb(path) -> np.ndarray:
-    """An HxWx3 uint8 RGB array (EXIF orientation applied)."""
+    """An HxWx3 uint8 RGB array (EXIF orientation applied), whatever the file's mode: 16-bit and 32-bit grey are
+    scaled to 8 bits (PIL's own conversion clips them, so a 16-bit PNG would read all white), transparency is laid
+    on white (a packshot's background), palette and CMYK images are converted."""
     with _opened(path) as im:
         from PIL import ImageOps
-        return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+        return to_rgb(ImageOps.exif_transpose(im))
+
+
+def to_rgb(im: Image.Image) -> np.ndarray:
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        a = np.asarray(im).astype(np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
+        grey = np.clip(a * (255.0 / top) + 0.5, 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    if im.mode == "F":
+        grey = np.clip(np.asarray(im) * (255.0 if np.asarray(im).max() <= 1.0 else 1.0) + 0.5, 0, 255)
+        return np.repeat(grey.astype(np.uint8)[..., None], 3, axis=2)
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
+    return np.asarray(im.convert("RGB"))
 
 
 def check_image(path) -> None:

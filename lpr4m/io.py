@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -78,6 +79,19 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kw) -> Iterato
         raise
 
 
+def remove_stale_temps(path: str | os.PathLike) -> int:
+    """Remove the temp files a killed ``atomic_write`` / ``atomic_path`` of ``path`` left beside it (only call it
+    where no other writer of ``path`` can be running, e.g. when resuming a run); returns how many."""
+    path = Path(path)
+    n = 0
+    for suffix in {".tmp", path.suffix or ".tmp"}:
+        for p in path.parent.glob(f".{glob.escape(path.name)}.*{suffix}"):
+            if p.is_file():
+                p.unlink(missing_ok=True)
+                n += 1
+    return n
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path for libraries that write files themselves (faiss, onnx, torch.save)."""
@@ -138,18 +152,38 @@ def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Non
         f.write("\n")
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicates(pairs: list) -> dict:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen = set()
+        raise _DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return obj
+
+
 def read_json(path: str | os.PathLike, expect: type | None = None) -> Any:
-    """Read a JSON file; truncated/invalid JSON or the wrong top-level type raises BadInput naming the file."""
+    """Read a JSON file; truncated/invalid JSON, a key given twice in one object (which ``json`` would silently
+    resolve to the last) or the wrong top-level type raises BadInput naming the file. A UTF-8 BOM is allowed, as
+    in every text reader of the project."""
     path = Path(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
+        with open(path, encoding="utf-8-sig") as f:
+            text = f.read()
+        obj = json.loads(text, object_pairs_hook=_no_duplicates)
     except FileNotFoundError:
         raise BadInput(path, "file not found") from None
     except json.JSONDecodeError as e:
         raise BadInput(path, f"invalid JSON ({e.msg} at column {e.colno})", line=e.lineno) from None
     except UnicodeDecodeError:
         raise BadInput(path, "not UTF-8 text (expected a JSON file)") from None
+    except _DuplicateKey as e:
+        key = json.dumps(e.args[0], ensure_ascii=False)
+        second = text.find(key, text.find(key) + 1)
+        raise BadInput(path, f"key {key} appears twice (expected each key once)",
+                       line=text.count("\n", 0, second) + 1 if second >= 0 else None) from None
     if expect is not None and not isinstance(obj, expect):
         raise BadInput(path, f"expected a JSON {expect.__name__}, got {type(obj).__name__}")
     return obj

@@ -108,7 +108,7 @@ def _check_id_text(path: Path, parser, problems: Problems) -> int:
     """Stream an ``id<TAB>text`` file, checking each id; returns the number of good rows."""
     n = 0
     try:
-        with open(path, encoding="utf-8", newline="") as f:
+        with open(path, encoding="utf-8-sig", newline="") as f:  # a BOM is not part of the first id
             for lineno, text in enumerate(f, 1):
                 text = text.rstrip("\r\n")
                 if not text.strip():

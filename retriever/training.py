@@ -32,7 +32,7 @@ from lpr4m.cli import (Parser, device_arg, emit_json, fraction, nonnegative_floa
                        positive_float, positive_int, progress, run_name, setup_logging, torch_device)
 from lpr4m.errors import BadInput, Problems
 from lpr4m.images import check_image
-from lpr4m.io import atomic_path, atomic_write, write_json
+from lpr4m.io import atomic_path, atomic_write, remove_stale_temps, write_json
 from lpr4m.layout import Dataset
 from retriever.config import AGGREGATIONS, EmbedderConfig
 from retriever.data import (AugmentConfig, ImageStore, TrainPair, UniqueImageBatchSampler, drop_images, frame_view,
@@ -396,6 +396,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.max_minutes is not None:
             cfg["max_minutes"] = args.max_minutes
         run_dir = state_path.parent
+        if removed := remove_stale_temps(state_path):  # a kill during an earlier save: nothing else writes here
+            logger.info("removed %d partial training-state file(s) a killed run left in %s", removed, run_dir)
     else:
         if not args.data:
             parser.error("--data is required (unless --resume)")

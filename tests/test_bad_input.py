@@ -100,6 +100,8 @@ CASES = {
                                  "missing_file", "test clip has no frames", False),
     "truncated_json": (lambda r, m: (r / ANN / "test_videoid_to_gtimage.json").write_text('{"a": ["b"'),
                        "bad_annotation", "test_videoid_to_gtimage.json:1: invalid JSON", False),
+    "json_duplicate_key": (lambda r, m: _duplicate_first_key(r / ANN / "test_videoid_to_gtimage.json"),
+                           "bad_annotation", "test_videoid_to_gtimage.json:2: key", False),
     "json_wrong_type": (lambda r, m: (r / ANN / "test_liveid_to_gallery.json").write_text("[1, 2]"),
                         "bad_annotation", "test_liveid_to_gallery.json: expected a JSON dict", False),
     "answer_not_in_gallery": (lambda r, m: _edit_json(r, "test_videoid_to_gtimage.json",
@@ -124,6 +126,13 @@ CASES = {
                                                           r / "clips" / f"{m['clips'][0].video_id}.mp4"),
                                  "unknown_id", "not in the test annotations", False),
 }
+
+
+def _duplicate_first_key(path: Path) -> None:
+    """The first key again on a second line, with another answer: ``json`` alone would keep the last silently."""
+    obj = json.loads(path.read_text())
+    key = next(iter(obj))
+    path.write_text(json.dumps(obj)[:-1] + f',\n{json.dumps(key)}: []}}')
 
 
 def _truncate(path: Path) -> None:
@@ -159,6 +168,23 @@ def test_stats_skips_counts_and_strict_fails(ds, case, capsys):
 
 def test_clean_dataset_has_no_problems(pristine):
     assert dataset_stats(pristine[0], verify=True)["problems"]["total"] == 0
+
+
+def test_a_byte_order_mark_is_read_the_same_by_every_reader(ds):
+    """Editors on Windows write a BOM: JSON maps and id<TAB>text files read exactly as without it."""
+    from lpr4m.layout import Dataset
+    root, _ = ds
+    before = dataset_stats(root, verify=True)
+    plain = Dataset(root)
+    expect = (plain.gt_images, plain.live_galleries, plain.titles, plain.asr)
+    for name in ("test_videoid_to_gtimage.json", "test_liveid_to_gallery.json", "test_image_title.txt",
+                 "test_videoid_asr.txt"):
+        path = root / ANN / name
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    bom = Dataset(root)
+    assert (bom.gt_images, bom.live_galleries, bom.titles, bom.asr) == expect
+    after = dataset_stats(root, verify=True)
+    assert after["problems"]["total"] == 0 and after["test"] == before["test"]
 
 
 def test_cli_subprocess_exit_code_and_one_line(ds):
@@ -290,6 +316,27 @@ def test_images(tmp_path):
             assert str(e.value) == f"{path}: {e.value.message}" and msg in e.value.message
 
 
+def test_images_of_every_mode_read_as_what_they_show(tmp_path):
+    """16-bit grey (PIL alone clips it to white), transparency (laid on white, a packshot's background), palette
+    and CMYK all read as the 8-bit RGB a viewer would show."""
+    from PIL import Image
+    ramp = np.linspace(0, 65535, 64 * 48).reshape(48, 64).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "grey16.png")
+    got = load_rgb(tmp_path / "grey16.png")
+    assert got.shape == (48, 64, 3) and got.dtype == np.uint8
+    assert np.abs(got[..., 0].astype(int) - (ramp / 257).round()).max() <= 1 and (got[..., 0] == got[..., 2]).all()
+    rgba = np.zeros((10, 10, 4), np.uint8)
+    rgba[..., 0] = 200
+    rgba[:5, :, 3] = 255  # top half opaque red, bottom half fully transparent
+    Image.fromarray(rgba).save(tmp_path / "alpha.png")
+    got = load_rgb(tmp_path / "alpha.png")
+    assert got[0, 0].tolist() == [200, 0, 0] and got[9, 9].tolist() == [255, 255, 255]
+    Image.fromarray(rgba[..., :3]).convert("P").save(tmp_path / "palette.png")
+    Image.fromarray(rgba[..., :3]).convert("CMYK").save(tmp_path / "cmyk.jpg")
+    for name in ("palette.png", "cmyk.jpg"):  # the web palette holds 204, not 200
+        assert np.abs(load_rgb(tmp_path / name)[0, 0].astype(int) - [200, 0, 0]).max() <= 4, name
+
+
 def test_truncated_json_names_line(tmp_path):
     path = tmp_path / "x.json"
     path.write_text('{\n"a": [\n')
@@ -334,3 +381,10 @@ def test_bad_videos(bad_videos, kind, msg):
             call()
         assert str(e.value).startswith(f"{path}: ") and msg in str(e.value)
         assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("url", ["https://example.com/clip.mp4", "rtmp://live.example.com/app/key"])
+def test_a_url_is_named_as_a_url_not_a_missing_file(url):
+    with pytest.raises(BadInput, match="a URL, not a video file") as e:
+        probe_video(url)
+    assert str(e.value).startswith(url + ": ")

@@ -74,8 +74,11 @@ def test_resume_continues_where_it_stopped(lpr4m_mini, tmp_path, capsys):
     full = _train(common + ["--runs-dir", str(tmp_path / "a")], tmp_path, capsys)
     part = _train(common + ["--runs-dir", str(tmp_path / "b"), "--stop-after-steps", "3"], tmp_path, capsys)
     assert part["stopped_early"] and part["steps"] == 3
+    partial = Path(part["run_dir"]) / ".train_state.pt.k1ll3d.pt"  # what a kill during a state save leaves
+    partial.write_bytes(b"\0" * 1024)
     resumed = _train(["--resume", part["run_dir"]], tmp_path, capsys)
     assert resumed["steps"] == full["steps"] and resumed["run_dir"] == part["run_dir"]
+    assert not partial.exists() and not list(Path(part["run_dir"]).glob(".*.pt"))
     a = load_embedder(full["weights"]).embed([np.full((40, 40, 3), 128, np.uint8)])
     b = load_embedder(resumed["weights"]).embed([np.full((40, 40, 3), 128, np.uint8)])
     assert float((a * b).sum()) > 0.999  # same batches, same views: the same model
