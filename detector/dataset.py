@@ -243,6 +243,14 @@ def build_yolo_dataset(ds: Dataset, cache_dir=None, workers: int | None = None, 
     return YoloData(out, out / "data.yaml", manifest)
 
 
+def merged_yaml(views: list[YoloData], path: Path) -> Path:
+    """A data.yaml training on every view's frames and validating on every view's test frames (ultralytics reads
+    lists of list files, each line relative to its own file)."""
+    path.write_text(json.dumps({"train": [str(v.train_list) for v in views], "val": [str(v.val_list) for v in views],
+                                "names": ["product"], "nc": 1}) + "\n", encoding="utf-8")
+    return path
+
+
 def _build(ds: Dataset, out: Path, staging: Path, workers: int | None, problems: Problems,
            frames_per_clip: int | None) -> dict:
     """Write the YOLO view into ``staging``; its data.yaml names ``out``, where it is moved once complete."""

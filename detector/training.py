@@ -1,17 +1,19 @@
 """``python detector/train.py --data ROOT``: build the cached YOLO dataset, train offline, keep a run folder.
 
-A run folder ``runs/detector/<YYYYmmdd-HHMMSS>-<name>/`` holds ultralytics' ``weights/{last,best}.pt`` (+ their
-sha256 in ``weights/trusted.json``), ``args.yaml``, ``results.csv`` (one row per epoch), our ``config.json`` and
+A run folder ``runs/detector/<YYYYmmdd-HHMMSS>-<name>/`` holds ultralytics' ``weights/{last,best}.pt`` (their
+sha256 recorded in the project cache, so a resume may unpickle them), ``args.yaml``, ``results.csv`` (one row per epoch), our ``config.json`` and
 ``metrics.json``, and the published form ``weights/detector.safetensors`` + ``weights/detector.json``.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import shlex
 import shutil
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -49,7 +51,9 @@ def _batch_size(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python detector/train.py", description=__doc__.split("\n\n")[0])
     d = p.add_argument_group("data")
-    d.add_argument("--data", help="LPR4M dataset root (boxed training clips + test_frameid2gtbox for validation)")
+    d.add_argument("--data", nargs="+", help="LPR4M dataset root(s): boxed training clips + test_frameid2gtbox for "
+                                             "validation; several roots train on all of them (e.g. the synthetic "
+                                             "mini and catalogue composites)")
     d.add_argument("--cache-dir", help="where the YOLO dataset view is cached (default $LPR_CACHE_DIR or "
                                        "~/.cache/lpr/detector-data)")
     d.add_argument("--rebuild-cache", action="store_true", help="rebuild the dataset view even if cached")
@@ -121,6 +125,30 @@ def _latest_run(runs_dir: Path) -> Path:
     if not runs:
         raise BadInput(runs_dir, "no run with weights/last.pt to resume")
     return runs[-1].parent.parent
+
+
+def resume_checkpoint(run_dir: Path) -> Path:
+    """``weights/last.pt``, or ``best.pt`` when ``last.pt`` is unreadable (a run killed while an older version wrote
+    it) and ``best.pt`` can still be resumed; says which."""
+    from detector import yolo
+    last, best = run_dir / "weights" / "last.pt", run_dir / "weights" / "best.pt"
+    if not last.is_file():
+        raise BadInput(run_dir, "not a resumable run (weights/last.pt missing)")
+    try:
+        if yolo.resumable(last):
+            return last
+        finished = True
+    except BadInput as err:
+        finished, broken = False, err
+    with contextlib.suppress(BadInput):
+        if best.is_file() and yolo.resumable(best):
+            logger.warning("%s: resuming from best.pt instead", broken if not finished else
+                           f"{last}: holds no optimizer state")
+            return best
+    if finished:
+        raise BadInput(last, "cannot resume: this run finished (its checkpoint holds no optimizer state); start a "
+                             "new run, e.g. with --model " + str(run_dir / "weights" / "detector.safetensors"))
+    raise BadInput(last, f"cannot resume: {broken.message}, and no resumable best.pt beside it")
 
 
 def _start_weights(model: str, run_dir: Path, trust_pickle: bool) -> tuple[str, dict]:
@@ -261,7 +289,7 @@ def ultralytics_overrides(knobs: dict, seed: int, amp: bool = True, freeze: list
 def train(args: argparse.Namespace, callbacks: dict | None = None) -> dict:
     """The work behind ``main``; ``callbacks`` (ultralytics events -> fns) let tests interrupt a run."""
     from detector import yolo
-    from detector.dataset import build_yolo_dataset
+    from detector.dataset import build_yolo_dataset, merged_yaml
     made_by = "python detector/train.py " + " ".join(shlex.quote(a) for a in (args.argv or []))
     knobs = resolve_knobs(args)
     # a GPU this machine lacks: one line now, not ultralytics' error after the build; "auto" as ultralytics names it
@@ -270,17 +298,13 @@ def train(args: argparse.Namespace, callbacks: dict | None = None) -> dict:
     t0 = time.time()
     if args.resume:
         run_dir = _latest_run(runs_dir) if args.resume == "latest" else Path(args.resume)
-        last = run_dir / "weights" / "last.pt"
-        if not last.is_file():
-            raise BadInput(run_dir, "not a resumable run (weights/last.pt missing)")
-        if not yolo.resumable(last):
-            raise BadInput(last, "cannot resume: this run finished (its checkpoint holds no optimizer state); "
-                                 "start a new run, e.g. with --model " + str(run_dir / "weights" / "detector.safetensors"))
+        last = resume_checkpoint(run_dir)
         overrides = {k: knobs[k] for k in ("device", "batch", "workers") if getattr(args, k, None) is not None}
         config = read_json(run_dir / "config.json", expect=dict) if (run_dir / "config.json").is_file() else {}
-        recorded = config.get("dataset", {}).get("root")
-        if args.data and recorded and Path(args.data).resolve() != Path(recorded):
-            raise BadInput(args.data, f"--resume continues {run_dir}, which trains on {recorded}: drop --data")
+        recorded = config.get("dataset", {}).get("roots")
+        if args.data and recorded and [str(Path(d).resolve()) for d in args.data] != recorded:
+            raise BadInput(args.data[0], f"--resume continues {run_dir}, which trains on {' '.join(recorded)}: "
+                                         "drop --data")
         if overrides and config:  # the record says what the rest of the run trained with
             config.setdefault("resumed_with", []).append(overrides)
             write_json(run_dir / "config.json", config)
@@ -295,22 +319,26 @@ def train(args: argparse.Namespace, callbacks: dict | None = None) -> dict:
         if not args.data:
             raise BadInput(None, "--data ROOT is required (or --resume RUN_DIR)")
         problems = Problems(strict=args.strict)
-        ds = Dataset(args.data, problems)
-        data = build_yolo_dataset(ds, args.cache_dir, workers=knobs["workers"] or None, problems=problems,
-                                  rebuild=args.rebuild_cache, frames_per_clip=knobs["frames_per_clip"])
+        views = [build_yolo_dataset(Dataset(root, problems), args.cache_dir, workers=knobs["workers"] or None,
+                                    problems=problems, rebuild=args.rebuild_cache,
+                                    frames_per_clip=knobs["frames_per_clip"]) for root in args.data]
         run_dir = _new_run_dir(runs_dir, args.name)
+        data_yaml = views[0].yaml if len(views) == 1 else merged_yaml(views, run_dir / "data.yaml")
         try:
             start, desc = _start_weights(knobs["model"], run_dir, args.trust_pickle)
         except BadInput:
             shutil.rmtree(run_dir, ignore_errors=True)  # refused before training: leave no empty run folder
             raise
         overrides = ultralytics_overrides(knobs, args.seed, amp=not args.no_amp, freeze=yolo.frozen_layers(desc))
-        data_info = {"root": str(ds.root.resolve()), "cache": str(data.root), "train": data.manifest["train"],
-                     "val": data.manifest["val"], "problems": data.manifest["problems"]}
+        data_info = {"roots": [str(Path(root).resolve()) for root in args.data],
+                     "caches": [str(v.root) for v in views],
+                     **{split: dict(sum((Counter(v.manifest[split]) for v in views), Counter()))
+                        for split in ("train", "val")},
+                     "problems": [v.manifest["problems"] for v in views]}
         record = {"knobs": knobs, "start_weights": start, "preset": args.preset, "ultralytics_overrides": overrides,
                   "dataset": data_info, "made_by": made_by, "seed": args.seed}
         write_json(run_dir / "config.json", record)
-        yolo.train(start, data.yaml, runs_dir, run_dir.name, dict(overrides, exist_ok=True),
+        yolo.train(start, data_yaml, runs_dir, run_dir.name, dict(overrides, exist_ok=True),
                    _callbacks(record, callbacks))
         imgsz = knobs["imgsz"]
     published = publish_run(run_dir, made_by, imgsz)

@@ -136,8 +136,24 @@ def detection_trainer():
         ul()
         from ultralytics.models.yolo.detect import DetectionTrainer
         _TRAINER = type("DetectionTrainer", (DetectionTrainer,), {"__module__": __name__,
-                                                                  "__qualname__": "DetectionTrainer"})
+                                                                  "__qualname__": "DetectionTrainer",
+                                                                  "save_model": _save_model_atomically})
     return _TRAINER
+
+
+def _save_model_atomically(trainer) -> None:
+    """ultralytics rewrites ``last.pt`` / ``best.pt`` in place, so a kill during the write leaves a truncated file
+    and no run to resume: write both to temp files beside them and rename each into place."""
+    final = trainer.last, trainer.best
+    temps = [p.with_name(f".{p.name}.partial") for p in final]
+    trainer.last, trainer.best = temps
+    try:
+        detection_trainer().__bases__[0].save_model(trainer)  # ultralytics' own
+    finally:
+        trainer.last, trainer.best = final
+    for tmp, path in zip(temps, final):
+        if tmp.exists():
+            os.replace(tmp, path)
 
 
 def __getattr__(name: str):
@@ -290,8 +306,9 @@ def load_ultralytics_checkpoint(path, trust_pickle: bool = False):
     """A ``DetectionModel`` from an ultralytics ``.pt`` checkpoint.
 
     First tries ultralytics' restricted ``weights_only=True`` load (known torch/ultralytics classes only). A file
-    that needs full unpickling is refused unless the user trusts it: ``--trust-pickle``, or its sha256 recorded in
-    ``trusted.json`` beside it (``{"file.pt": "<sha256>"}``), as our training runs write for their own checkpoints.
+    that needs full unpickling is refused unless the user trusts it: ``--trust-pickle``, or it is a checkpoint this
+    user's own training wrote (its sha256 in the project cache's ``trusted-checkpoints.json``; never a file beside
+    the weights, which whoever hands over a checkpoint could hand over too).
     """
     path = Path(path)
     if not path.is_file():
@@ -306,9 +323,9 @@ def load_ultralytics_checkpoint(path, trust_pickle: bool = False):
             raise BadInput(path, "not an ultralytics checkpoint (no model in it; a bare state dict?)") from None
         if not (trust_pickle or is_trusted(path)):
             raise BadInput(path, "this .pt checkpoint needs full unpickling, which can run arbitrary code; refused "
-                                 f"({type(safe_err).__name__}). If you trust its source, pass --trust-pickle or "
-                                 f"record its sha256 in {path.parent / 'trusted.json'}") from None
-        logger.warning("unpickling %s (trusted by %s)", path, "--trust-pickle" if trust_pickle else "trusted.json")
+                                 f"({type(safe_err).__name__}). If you trust its source, pass --trust-pickle") from None
+        logger.warning("unpickling %s (trusted by %s)", path, "--trust-pickle" if trust_pickle else
+                       "this machine's own training, which wrote it")
         from ultralytics.nn import tasks
         try:
             with _unsafe_loading(tasks):
@@ -359,27 +376,37 @@ def _check_zip(path: Path) -> None:
         raise BadInput(path, "not a PyTorch checkpoint (expected a torch.save zip archive, e.g. an ultralytics .pt)")
 
 
+def _trust_table() -> Path:
+    """The checkpoints this user's own training wrote, by sha256: in the project cache, never beside the weights,
+    so no file that travels with a checkpoint can vouch for it."""
+    from lpr4m.io import cache_root
+    return cache_root() / "trusted-checkpoints.json"
+
+
 def is_trusted(path) -> bool:
-    path = Path(path)
-    trusted = path.parent / "trusted.json"
-    if not trusted.is_file():
-        return False
     from lpr4m.io import read_json
+    table_file = _trust_table()
     try:
-        table = read_json(trusted, expect=dict)
+        table = read_json(table_file, expect=dict) if table_file.is_file() else {}
     except BadInput:
         return False
-    return table.get(path.name) == sha256_file(path)
+    return sha256_file(path) in table
 
 
 def record_trusted(path) -> None:
     """Record the sha256 of a checkpoint we wrote ourselves, so resuming it may unpickle it."""
+    import fcntl
     from lpr4m.io import read_json, write_json
-    path = Path(path)
-    trusted = path.parent / "trusted.json"
-    table = read_json(trusted, expect=dict) if trusted.is_file() else {}
-    table[path.name] = sha256_file(path)
-    write_json(trusted, table)
+    table_file = _trust_table()
+    table_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(table_file.with_name(table_file.name + ".lock"), "a") as lock:  # two trainings: no lost entry
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            table = read_json(table_file, expect=dict) if table_file.is_file() else {}
+        except BadInput:
+            table = {}
+        table[sha256_file(path)] = str(Path(path).resolve())
+        write_json(table_file, table)
 
 
 def save_ultralytics_checkpoint(model, path) -> None:

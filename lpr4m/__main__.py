@@ -1,4 +1,4 @@
-"""``python -m lpr4m {synth,stats,download,regroup,split} ...``"""
+"""``python -m lpr4m {synth,stats,download,regroup,split,composite} ...``"""
 from __future__ import annotations
 
 import sys
@@ -12,6 +12,7 @@ COMMANDS = {
     "download": ("lpr4m.download", "download_main", "img2dataset download of an LPR4M URL list"),
     "regroup": ("lpr4m.download", "regroup_main", "move downloaded shards into the LPR4M layout"),
     "split": ("lpr4m.split", "main", "an open-set split by product (links into the root)"),
+    "composite": ("lpr4m.composite", "main", "detection data: shop images held up in real frames"),
 }
 
 

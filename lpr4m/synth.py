@@ -546,7 +546,7 @@ def _synthesize(root: Path, cfg: SynthConfig, seed: int, preset: str, progress_b
 MAX_FRAME_SIDE = 4096  # 4K; a typo such as 100000x100000 would otherwise try to allocate ~130 GiB
 
 
-def _size(text: str) -> tuple[int, int]:
+def frame_size_arg(text: str) -> tuple[int, int]:
     try:
         w, h = (int(v) for v in text.lower().split("x"))
     except ValueError:
@@ -586,7 +586,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-clip-s", type=int, help="training clip length in seconds (= frames, 1 frame/s)")
     g.add_argument("--test-clip-s", type=_range, help="test clip length in seconds: N or LO-HI")
     g.add_argument("--fps", type=int, dest="video_fps", help="frame rate of clips/*.mp4")
-    g.add_argument("--frame-size", type=_size, help="WIDTHxHEIGHT of frames, e.g. 640x360")
+    g.add_argument("--frame-size", type=frame_size_arg, help="WIDTHxHEIGHT of frames, e.g. 640x360")
     g.add_argument("--image-size", type=int, help="side of the square shop images")
     g.add_argument("--gallery-views", type=int, help="max shop images per test product (view 0 always)")
     g.add_argument("--backgrounds", dest="background_dir", help="folder of images/videos used as real rooms")

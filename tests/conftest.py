@@ -56,6 +56,18 @@ def lpr4m_mini(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def mini_composite(lpr4m_mini, tmp_path_factory) -> Path:
+    """Catalogue composites of the mini's shop images on frames of its own clips: 8 clips of 2 frames, half of
+    the products in the test split; read-only."""
+    from lpr4m.composite import composite
+
+    root = tmp_path_factory.mktemp("composite") / "data"
+    composite(root, [lpr4m_mini], [lpr4m_mini / "clips"], test_products=0.5, clips=8, frames_per_clip=2,
+              frame_size=(320, 240), per_video=2, seed=0, workers=1)
+    return root
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny models: one intra-op thread is as fast and does not spin against the decoder thread or other jobs."""

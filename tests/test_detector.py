@@ -45,8 +45,9 @@ def cache_env(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def trained(lpr4m_mini, cache_env, tmp_path_factory):
-    """Train 2 epochs with the network switched off; the run is interrupted after epoch 1 and resumed."""
+def trained(lpr4m_mini, mini_composite, cache_env, tmp_path_factory):
+    """Train 2 epochs on the mini and catalogue composites with the network switched off; the run is interrupted
+    after epoch 1 and resumed."""
     from detector import training
 
     runs = tmp_path_factory.mktemp("runs")
@@ -64,8 +65,8 @@ def trained(lpr4m_mini, cache_env, tmp_path_factory):
         if trainer.epoch == 0:
             raise _Interrupted()
 
-    common = ["--data", str(lpr4m_mini), "--preset", "tiny", "--imgsz", str(IMGSZ), "--epochs", "2",
-              "--runs-dir", str(runs), "--name", "t"]
+    common = ["--data", str(lpr4m_mini), str(mini_composite), "--preset", "tiny", "--imgsz", str(IMGSZ),
+              "--epochs", "2", "--runs-dir", str(runs), "--name", "t"]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(socket.socket, "connect", no_connect)
         mp.setattr(socket, "getaddrinfo", no_dns)
@@ -73,12 +74,15 @@ def trained(lpr4m_mini, cache_env, tmp_path_factory):
             training.main(common, callbacks={"on_fit_epoch_end": [stop_after_first]})
         (run_dir,) = list(runs.iterdir())
         interrupted_rows = _rows(run_dir / "results.csv")
+        resumable = tmp_path_factory.mktemp("ckpt") / "interrupted-last.pt"
+        shutil.copy(run_dir / "weights" / "last.pt", resumable)
         assert (run_dir / "weights" / "last.pt").is_file()
         assert not (run_dir / "weights" / "detector.safetensors").exists()
-        assert run_main(training.main, ["--resume", str(run_dir), "--data", str(runs)]) == 2  # not its dataset
+        assert run_main(training.main, ["--resume", str(run_dir), "--data", str(lpr4m_mini)]) == 2  # not its data
         assert run_main(training.main, ["--resume", str(run_dir), "--runs-dir", str(runs), "--data",
-                                        str(lpr4m_mini)]) == 0
+                                        str(lpr4m_mini), str(mini_composite)]) == 0
     return SimpleNamespace(run_dir=run_dir, runs=runs, interrupted_rows=interrupted_rows, attempts=attempts,
+                           resumable=resumable,
                            weights=run_dir / "weights" / "detector.safetensors", data=lpr4m_mini)
 
 
@@ -217,13 +221,18 @@ def test_training_run_folder_resume_and_offline(trained):
     rows = _rows(run / "results.csv")
     assert [int(float(r["epoch"])) for r in rows] == [1, 2]  # resumed at epoch 2, not restarted
     for name in ("args.yaml", "config.json", "metrics.json", "weights/last.pt", "weights/best.pt",
-                 "weights/trusted.json", "weights/detector.safetensors", "weights/detector.json"):
+                 "weights/detector.safetensors", "weights/detector.json"):
         assert (run / name).is_file(), name
     cfg = json.loads((run / "weights" / "detector.json").read_text())
     assert cfg["kind"] == "lpr-detector" and cfg["nc"] == 1 and cfg["names"] == ["product"]
     assert cfg["imgsz"] == IMGSZ and len(cfg["sha256"]) == 64 and cfg["metrics"]["epochs_done"] == 2
     config = json.loads((run / "config.json").read_text())
-    assert config["dataset"]["train"]["frames"] > 0 and config["knobs"]["imgsz"] == IMGSZ
+    assert config["knobs"]["imgsz"] == IMGSZ and len(config["dataset"]["roots"]) == 2
+    views = [json.loads((Path(c) / "manifest.json").read_text()) for c in config["dataset"]["caches"]]
+    assert all(v["train"]["frames"] > 0 for v in views)  # both roots trained on, through one data.yaml
+    assert config["dataset"]["train"]["frames"] == sum(v["train"]["frames"] for v in views)
+    merged = json.loads((run / "data.yaml").read_text())
+    assert merged["train"] == [str(Path(c) / "train.txt") for c in config["dataset"]["caches"]]
     assert trained.attempts == []  # nothing tried to reach the network (fonts, AMP check, pip, hub)
     assert os.environ["YOLO_OFFLINE"] == "1" and os.environ["YOLO_AUTOINSTALL"] == "false"
     # ultralytics fixes its settings file at first import (possibly by an earlier test module, with another
@@ -232,6 +241,25 @@ def test_training_run_folder_resume_and_offline(trained):
     assert settings_file.parent.parent.name == "ultralytics-config"
     settings = json.loads(settings_file.read_text())
     assert settings["sync"] is False and settings["datasets_dir"].startswith(str(settings_file.parents[2]))
+
+
+def test_checkpoints_are_written_through_temp_files_and_resume_falls_back(trained, tmp_path, caplog):
+    from detector.training import resume_checkpoint
+    weights = trained.run_dir / "weights"
+    assert not list(weights.glob(".*.partial"))  # every save renamed its temp file into place
+    run = tmp_path / "run"
+    (run / "weights").mkdir(parents=True)
+    (run / "weights" / "last.pt").write_bytes(b"")  # what a kill during an in-place write leaves
+    shutil.copy(trained.resumable, run / "weights" / "best.pt")
+    assert resume_checkpoint(run) == run / "weights" / "best.pt"
+    assert "resuming from best.pt instead" in caplog.text and "last.pt" in caplog.text
+    (run / "weights" / "best.pt").write_bytes(b"")
+    with pytest.raises(BadInput, match="no resumable best.pt beside it"):
+        resume_checkpoint(run)
+    shutil.copy(trained.resumable, run / "weights" / "last.pt")
+    assert resume_checkpoint(run) == run / "weights" / "last.pt"
+    with pytest.raises(BadInput, match="this run finished"):
+        resume_checkpoint(trained.run_dir)
 
 
 def test_new_run_never_overwrites(trained):
@@ -597,6 +625,10 @@ def test_wrong_or_unsafe_weights_are_refused(trained, tmp_path, capsys):
     evil = tmp_path / "evil.pt"
     import torch
     torch.save({"model": _Evil()}, evil)  # a pickle that would run a command when unpickled
+    with pytest.raises(BadInput, match="trust-pickle"):
+        load_detector(evil)
+    from detector.yolo import sha256_file
+    (tmp_path / "trusted.json").write_text(json.dumps({"evil.pt": sha256_file(evil)}))  # travels with the file
     with pytest.raises(BadInput, match="trust-pickle"):
         load_detector(evil)
     assert not marker.exists()
