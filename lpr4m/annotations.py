@@ -155,14 +155,23 @@ def write_training_videoinfo(path, clips: Iterable[TrainingClip]) -> int:
     return n
 
 
-def _read_id_lists(path, key_parser, value_parser, what: str) -> dict[str, list[str]]:
+def _read_id_lists(path, key_parser, value_parser, what: str, problems: Problems | None = None
+                   ) -> dict[str, list[str]]:
+    """A JSON map of id -> id list. A bad entry is left out and counted in ``problems`` (raised at once when there
+    are none, or when they are strict), with the line of its key."""
     obj = read_json(path, expect=dict)
     out = {}
+    line_of = JsonKeyLines(path)
     for key, values in obj.items():
-        key = str(key_parser(key, path))
-        if not isinstance(values, list):
-            raise BadInput(path, f"{what} of {key!r} must be a list of image ids")
-        out[key] = [value_parser(v, path) if isinstance(v, str) else _not_str(path, v) for v in values]
+        try:
+            parsed = str(key_parser(key, path))
+            if not isinstance(values, list):
+                raise BadInput(path, f"{what} of {parsed!r} must be a list of image ids")
+            out[parsed] = [value_parser(v, path) if isinstance(v, str) else _not_str(path, v) for v in values]
+        except BadInput as err:
+            if problems is None:
+                raise
+            problems.add(BadInput(path, err.message, line_of(str(key))), "bad_annotation")
     return out
 
 
@@ -170,14 +179,14 @@ def _not_str(path, v):
     raise BadInput(path, f"expected an image id string, got {v!r}")
 
 
-def read_videoid_to_gtimage(path) -> dict[str, list[str]]:
+def read_videoid_to_gtimage(path, problems: Problems | None = None) -> dict[str, list[str]]:
     """``{video_id: [image_id, ...]}``: any listed image is a correct answer."""
-    return _read_id_lists(path, parse_video_id, parse_image_id, "ground-truth images")
+    return _read_id_lists(path, parse_video_id, parse_image_id, "ground-truth images", problems)
 
 
-def read_liveid_to_gallery(path) -> dict[str, list[str]]:
+def read_liveid_to_gallery(path, problems: Problems | None = None) -> dict[str, list[str]]:
     """``{live_id: [image_id, ...]}``: the gallery a query of that live is ranked in."""
-    return _read_id_lists(path, parse_live_id, parse_image_id, "gallery")
+    return _read_id_lists(path, parse_live_id, parse_image_id, "gallery", problems)
 
 
 class JsonKeyLines:

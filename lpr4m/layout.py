@@ -86,11 +86,11 @@ class Dataset:
 
     @cached_property
     def gt_images(self) -> dict[str, list[str]]:
-        return ann.read_videoid_to_gtimage(self.annotation("gtimage"))
+        return ann.read_videoid_to_gtimage(self.annotation("gtimage"), self.problems)
 
     @cached_property
     def live_galleries(self) -> dict[str, list[str]]:
-        return ann.read_liveid_to_gallery(self.annotation("gallery"))
+        return ann.read_liveid_to_gallery(self.annotation("gallery"), self.problems)
 
     @cached_property
     def gt_boxes(self) -> dict[str, list[ann.Box]]:

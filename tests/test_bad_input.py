@@ -388,3 +388,17 @@ def test_a_url_is_named_as_a_url_not_a_missing_file(url):
     with pytest.raises(BadInput, match="a URL, not a video file") as e:
         probe_video(url)
     assert str(e.value).startswith(url + ": ")
+
+
+def test_one_bad_test_annotation_entry_is_skipped_not_the_split(ds):
+    """A malformed id in test_videoid_to_gtimage.json costs its query, counted with its line; --strict stops."""
+    from lpr4m.layout import Dataset
+    root, _ = ds
+    good = len(Dataset(root).test_clips())
+    _edit_json(root, "test_videoid_to_gtimage.json", lambda d: d.update({"../../etc/passwd": ["x"]}))
+    problems = Problems()
+    assert len(Dataset(root, problems).test_clips()) == good
+    assert problems.counts["bad_annotation"] == 1 and "passwd" in problems.messages[0]
+    assert problems.messages[0].startswith(str(root / ANN / "test_videoid_to_gtimage.json") + ":1: ")
+    with pytest.raises(BadInput, match="unsafe"):
+        Dataset(root, Problems(strict=True)).test_clips()
