@@ -60,6 +60,10 @@ class Frame(NamedTuple):
     rgb: np.ndarray
 
 
+class StillImage(BadInput):
+    """A file that holds one picture (a JPEG or PNG named .mp4), refused rather than read as a 1-frame video."""
+
+
 # -- shared helpers -------------------------------------------------------------------------------------------
 def _check_file(path: Path) -> None:
     try:
@@ -223,6 +227,8 @@ def _probe_pyav(path: Path) -> tuple[VideoInfo, float, list[float]]:
     r = _PyAV(path)
     try:
         s = r.stream
+        if r.container.format.name.endswith("_pipe") or r.container.format.name == "image2":
+            raise StillImage(path, f"a still image ({r.container.format.name.removesuffix('_pipe')}), not a video")
         first = next(r.frames(), None)
         if first is None:
             raise BadInput(path, "no decodable video frames")
@@ -383,7 +389,7 @@ def _probe(path: Path, backend: str = "auto") -> tuple[VideoInfo, float, list[fl
     try:
         return _probe_pyav(path)
     except BadInput as err:
-        if backend == "pyav":
+        if backend == "pyav" or isinstance(err, StillImage):  # OpenCV would read an image as a 1-frame video
             raise
         try:
             info = _probe_cv2(path)

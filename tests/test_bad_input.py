@@ -383,6 +383,15 @@ def test_bad_videos(bad_videos, kind, msg):
         assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("suffix", [".jpg", ".png"])
+def test_an_image_renamed_to_mp4_is_not_a_one_frame_video(tmp_path, suffix):
+    from PIL import Image
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / f"still{suffix}")
+    (tmp_path / f"still{suffix}").rename(tmp_path / "clip.mp4")
+    with pytest.raises(BadInput, match="a still image .*, not a video"):
+        probe_video(tmp_path / "clip.mp4")
+
+
 @pytest.mark.parametrize("url", ["https://example.com/clip.mp4", "rtmp://live.example.com/app/key"])
 def test_a_url_is_named_as_a_url_not_a_missing_file(url):
     with pytest.raises(BadInput, match="a URL, not a video file") as e:
