@@ -130,6 +130,49 @@ def new_folder(out: str | os.PathLike, what: str) -> Iterator[Path]:
         raise
 
 
+_HELD: dict[str, list] = {}  # lock file -> [open file, depth]: re-entrant within a process
+
+
+@contextlib.contextmanager
+def exclusive(lock_file: str | os.PathLike, what: str, wait: bool = True) -> Iterator[None]:
+    """Hold an advisory lock (``fcntl.flock``) on ``lock_file`` (created if needed) for one writer at a time. A
+    second process waits, saying for whom, or with ``wait=False`` gets a BadInput naming the holder's pid. The
+    lock goes with the process, so a killed holder never leaves it stuck."""
+    import fcntl
+    lock_file = Path(lock_file)
+    key = str(lock_file.resolve())
+    if key in _HELD:
+        _HELD[key][1] += 1
+        try:
+            yield
+        finally:
+            _HELD[key][1] -= 1
+        return
+    f = open(lock_file, "a+", encoding="utf-8")
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            if not wait:
+                raise BadInput(lock_file.parent, f"{what} is in use by {holder}; wait for it to finish") from None
+            import logging
+            logging.getLogger(__name__).warning("waiting for %s: another writer holds it (%s)", what, holder)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}\n")
+        f.flush()
+        _HELD[key] = [f, 1]
+        try:
+            yield
+        finally:
+            del _HELD[key]
+    finally:
+        f.close()  # closing releases the lock
+
+
 def cache_root() -> Path:
     """Where the project keeps generated state (dataset views, ultralytics settings, gallery indexes, TensorRT
     engines of ONNX Runtime): ``$LPR_CACHE_DIR`` or ``~/.cache/lpr``."""

@@ -30,7 +30,7 @@ import numpy as np
 
 from lpr4m.errors import BadInput, Problems
 from lpr4m.ids import GALLERY_NAME_RE, IMAGE_SUFFIXES, LIVE_ID_RE, check_safe_name
-from lpr4m.io import atomic_path, read_json, sha256_file, write_json
+from lpr4m.io import atomic_path, exclusive, read_json, sha256_file, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -681,48 +681,21 @@ def check_out(path) -> Path:
     return path
 
 
-_HELD: dict[str, list] = {}  # index folder -> [open lock file, depth]: the lock is re-entrant within a process
-
-
 @contextlib.contextmanager
 def index_lock(path):
-    """One writer at a time for an index folder (``fcntl.flock`` on ``path/.lock``; a second writer waits and says
-    for whom). Re-entrant, so a load-modify-save can hold it around ``save``. ``path`` is checked first."""
-    import fcntl
+    """One writer at a time for an index folder (``path/.lock``; a second writer waits and says for whom).
+    Re-entrant, so a load-modify-save can hold it around ``save``. ``path`` is checked first."""
     path = check_out(path)
-    key = str(path.resolve())
-    if key in _HELD:
-        _HELD[key][1] += 1
-        try:
-            yield
-        finally:
-            _HELD[key][1] -= 1
-        return
     created = not path.exists()
     path.mkdir(parents=True, exist_ok=True)
-    f = open(path / LOCK_FILE, "a+", encoding="utf-8")
-    try:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            logger.warning("waiting for the index %s: another writer holds it (%s)", path, f.read().strip() or "?")
-            fcntl.flock(f, fcntl.LOCK_EX)
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()}\n")
-        f.flush()
-        _HELD[key] = [f, 1]
+    with exclusive(path / LOCK_FILE, f"the index {path}"):
         try:
             yield
         finally:
-            del _HELD[key]
             if created and not (path / META_FILE).exists():  # a first build that failed leaves no folder
                 (path / LOCK_FILE).unlink(missing_ok=True)
                 with contextlib.suppress(OSError):
                     path.rmdir()
-    finally:
-        f.close()  # closing releases the lock
 
 
 _STALE = re.compile(r"^(index-[0-9a-f]{16}\.faiss|\.(index(-[0-9a-f]{16})?\.faiss|meta\.json)\..+\.(tmp|faiss))$")

@@ -12,6 +12,7 @@ fine-tuning, on-the-fly augmentation in DataLoader workers, AMP, gradient accumu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import logging
 import math
@@ -32,7 +33,7 @@ from lpr4m.cli import (Parser, device_arg, emit_json, fraction, nonnegative_floa
                        positive_float, positive_int, progress, run_name, setup_logging, torch_device)
 from lpr4m.errors import BadInput, Problems
 from lpr4m.images import check_image
-from lpr4m.io import atomic_path, atomic_write, remove_stale_temps, write_json
+from lpr4m.io import atomic_path, atomic_write, exclusive, remove_stale_temps, write_json
 from lpr4m.layout import Dataset
 from retriever.config import AGGREGATIONS, EmbedderConfig
 from retriever.data import (AugmentConfig, ImageStore, TrainPair, UniqueImageBatchSampler, drop_images, frame_view,
@@ -375,6 +376,12 @@ def run_eval(model, config, val_ds, frames, device, seen_ids: set[str] | None = 
 
 # -- main ------------------------------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
+    """Train (or --resume) one run; a run folder has one trainer at a time (its ``.lock``)."""
+    with contextlib.ExitStack() as locks:  # the run folder's lock, held until this run ends
+        return _main(argv, locks)
+
+
+def _main(argv: Sequence[str] | None, locks: contextlib.ExitStack) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
@@ -396,6 +403,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.max_minutes is not None:
             cfg["max_minutes"] = args.max_minutes
         run_dir = state_path.parent
+        if int(os.environ.get("RANK", "0")) == 0:
+            locks.enter_context(exclusive(run_dir / ".lock", f"the training run {run_dir}", wait=False))
         if removed := remove_stale_temps(state_path):  # a kill during an earlier save: nothing else writes here
             logger.info("removed %d partial training-state file(s) a killed run left in %s", removed, run_dir)
     else:
@@ -456,6 +465,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 run_dir = base.with_name(f"{base.name}-{i}")
                 i += 1
             run_dir.mkdir(parents=True)
+            locks.enter_context(exclusive(run_dir / ".lock", f"the training run {run_dir}", wait=False))
             write_json(run_dir / "config.json", cfg)
         run_dir = broadcast_object(run_dir)
 

@@ -79,6 +79,17 @@ def test_resume_continues_where_it_stopped(lpr4m_mini, tmp_path, capsys):
     resumed = _train(["--resume", part["run_dir"]], tmp_path, capsys)
     assert resumed["steps"] == full["steps"] and resumed["run_dir"] == part["run_dir"]
     assert not partial.exists() and not list(Path(part["run_dir"]).glob(".*.pt"))
+    # one trainer a run folder: a second --resume while another process holds it exits 2 naming the holder
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom lpr4m.io import exclusive\n"
+                               "with exclusive(sys.argv[1], 'run'):\n    print('held', flush=True)\n    time.sleep(60)",
+                               str(Path(part["run_dir"]) / ".lock")], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert run_main(train_main, ["--resume", part["run_dir"]]) == 2
+        assert f"is in use by pid {holder.pid}" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
     a = load_embedder(full["weights"]).embed([np.full((40, 40, 3), 128, np.uint8)])
     b = load_embedder(resumed["weights"]).embed([np.full((40, 40, 3), 128, np.uint8)])
     assert float((a * b).sum()) > 0.999  # same batches, same views: the same model
