@@ -13,7 +13,7 @@ Most platforms have shop images and stream recordings but no boxes. This writes 
   product at all.
 - *frames*: the product is held up by a hand (fingers in front of it, an arm from the frame edge), in perspective
   and rotation, small to frame-filling, sometimes cut by the frame border; motion blur, a cast shadow, lighting,
-  colour and white-balance shifts, sensor noise and JPEG artefacts. Other products of the catalogue stand in the
+  colour and white-balance shifts, sensor noise and JPEG artefacts. Other products of the same split stand in the
   scene without a hand and carry no box, since LPR4M boxes only the presented product. The box is the extent of
   the product's visible pixels (after the hand, blur and the frame edge), as in ``lpr4m synth``.
 - *splits*: a seeded ``--test-products`` fraction of the products goes to the test split (``query/``, boxes in
@@ -337,8 +337,8 @@ def render_clip(job: ClipJob) -> list[list[float] | None]:
     rng = rng_for(s["seed"], 7, job.index)
     products, backgrounds = s["products"], s["backgrounds"][job.split]
     background = backgrounds[int(rng.integers(len(backgrounds)))]
-    others = [i for i in range(len(products)) if i != job.product]
-    n_distractors = int(rng.integers(0, 3)) if others else 0
+    others = [i for i in s["splits"][job.split] if i != job.product]  # a test product never shows in training
+    n_distractors = min(int(rng.integers(0, 3)), len(others))
     picked = rng.choice(others, n_distractors, replace=False) if n_distractors else []
     distractors = [_sprite(products[i].source).resized(160) for i in picked]
     sprite = _sprite(products[job.product].source)
@@ -404,7 +404,7 @@ def composite(out, products, backgrounds, test_backgrounds=None, test_products: 
             else bgs["train"]
         jobs, lives, by_split = _plan(items, test_products, clips, frames_per_clip, products_per_live, seed)
         _STATE.update(root=str(root), seed=seed, products=items, backgrounds=bgs, size_wh=(W, H),
-                      frames_per_clip=frames_per_clip, empty=empty)
+                      frames_per_clip=frames_per_clip, empty=empty, splits=by_split)
         try:  # the pool forks after _STATE is set: workers inherit it
             with get_context("fork").Pool(workers) if fork else contextlib.nullcontext() as pool:
                 rendered = pool.imap(render_clip, jobs, chunksize=2) if pool else map(render_clip, jobs)

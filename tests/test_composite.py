@@ -94,6 +94,25 @@ def test_composite_layout_splits_and_determinism(lpr4m_mini, tmp_path):
     train_ids = {c.image_id for c in clips}
     test_ids = {i for ids in ds.gt_images.values() for i in ids}
     assert len(train_ids) == 2 and train_ids.isdisjoint(test_ids)  # split by product
+    from lpr4m.composite import _STATE, ClipJob, render_clip, load_products
+    from lpr4m.errors import Problems
+    products = load_products([products], Problems())
+    shown, other = [i for i, p in enumerate(products) if p.image_id in train_ids]
+    held_out = [i for i, p in enumerate(products) if p.image_id in test_ids]
+    drawn = []
+    _STATE.update(seed=0, products=products, splits={"train": [shown, other], "test": held_out}, root=str(tmp_path),
+                  backgrounds={"train": [np.zeros((150, 200, 3), np.uint8)]}, size_wh=(160, 120),
+                  frames_per_clip=1, empty=0.0)
+    import lpr4m.composite as comp
+    real = comp._sprite
+    try:
+        comp._sprite = lambda path: drawn.append(path) or real(path)
+        for k in range(12):  # distractors come from the clip's own split only
+            render_clip(ClipJob(k, "train", f"x-{k}", shown, "frames"))
+    finally:
+        comp._sprite = real
+        _STATE.clear()
+    assert products[other].source in drawn and not {products[i].source for i in held_out} & set(drawn)
     assert sum(len(c.frame_ids) for c in clips) == summary["train"]["frames"]
     for c in clips:
         assert all(ds.training_frame_path(f).is_file() for f in c.frame_ids)
