@@ -1,8 +1,9 @@
 """``python detector/train.py --data ROOT``: build the cached YOLO dataset, train offline, keep a run folder.
 
 A run folder ``runs/detector/<YYYYmmdd-HHMMSS>-<name>/`` holds ultralytics' ``weights/{last,best}.pt`` (their
-sha256 recorded in the project cache, so a resume may unpickle them), ``args.yaml``, ``results.csv`` (one row per epoch), our ``config.json`` and
-``metrics.json``, and the published form ``weights/detector.safetensors`` + ``weights/detector.json``.
+sha256 recorded in the project cache, so a resume may unpickle them), ``args.yaml``, ``results.csv`` (one row per
+epoch), our ``config.json`` and ``metrics.json``, and the published form ``weights/detector.safetensors`` +
+``weights/detector.json``. ``--data`` takes several roots (one ``data.yaml`` in the run folder lists them all).
 """
 from __future__ import annotations
 

@@ -395,12 +395,10 @@ def is_trusted(path) -> bool:
 
 def record_trusted(path) -> None:
     """Record the sha256 of a checkpoint we wrote ourselves, so resuming it may unpickle it."""
-    import fcntl
-    from lpr4m.io import read_json, write_json
+    from lpr4m.io import exclusive, read_json, write_json
     table_file = _trust_table()
     table_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(table_file.with_name(table_file.name + ".lock"), "a") as lock:  # two trainings: no lost entry
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with exclusive(table_file.with_name(table_file.name + ".lock"), "the trusted-checkpoint table"):
         try:
             table = read_json(table_file, expect=dict) if table_file.is_file() else {}
         except BadInput:

@@ -1,9 +1,11 @@
-"""Atomic file output (temp file + rename) and JSON helpers that fail with a BadInput, not a traceback."""
+"""Atomic file output (temp file + rename), JSON helpers that fail with a BadInput (not a traceback), and the one
+advisory lock for writers that must not overlap."""
 from __future__ import annotations
 
 import contextlib
 import glob
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -11,6 +13,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from lpr4m.errors import BadInput
+
+logger = logging.getLogger(__name__)
 
 
 def _read_umask() -> int:
@@ -157,8 +161,7 @@ def exclusive(lock_file: str | os.PathLike, what: str, wait: bool = True) -> Ite
             holder = f.read().strip() or "another process"
             if not wait:
                 raise BadInput(lock_file.parent, f"{what} is in use by {holder}; wait for it to finish") from None
-            import logging
-            logging.getLogger(__name__).warning("waiting for %s: another writer holds it (%s)", what, holder)
+            logger.warning("waiting for %s: another writer holds it (%s)", what, holder)
             fcntl.flock(f, fcntl.LOCK_EX)
         f.seek(0)
         f.truncate()
