@@ -20,14 +20,14 @@ def load_rgb(path) -> np.ndarray:
 
 
 def to_rgb(im: Image.Image) -> np.ndarray:
-    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):  # one grey channel, wider than 8 bits
         a = np.asarray(im).astype(np.float64)
-        top = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
+        if im.mode.startswith("I;16") or (im.mode == "I" and a.max() > 255):
+            top = 65535.0
+        else:
+            top = 1.0 if im.mode == "F" and a.max() <= 1.0 else 255.0
         grey = np.clip(a * (255.0 / top) + 0.5, 0, 255).astype(np.uint8)
         return np.repeat(grey[..., None], 3, axis=2)
-    if im.mode == "F":
-        grey = np.clip(np.asarray(im) * (255.0 if np.asarray(im).max() <= 1.0 else 1.0) + 0.5, 0, 255)
-        return np.repeat(grey.astype(np.uint8)[..., None], 3, axis=2)
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
         rgba = im.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
