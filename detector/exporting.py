@@ -1,11 +1,14 @@
-"""``python detector/export.py --weights W --format onnx|engine``: ONNX (dynamic batch, parity-checked) or a
-TensorRT engine built on this machine's GPU; fp32, fp16 or INT8 (Q/DQ) graphs (fp16 by default for engines)."""
+"""``python detector/export.py --weights W --format onnx|engine|safetensors``: ONNX (dynamic batch, parity-checked)
+or a TensorRT engine built on this machine's GPU, fp32, fp16 or INT8 (Q/DQ) graphs (fp16 by default for engines); or
+an ultralytics ``.pt`` converted once to our safetensors + JSON, so that later loads never unpickle it."""
 from __future__ import annotations
 
 import argparse
 import itertools
 import json
 import logging
+import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Sequence
@@ -33,9 +36,10 @@ PARITY_CONF = 0.05  # low, so that the detections compared after NMS include wea
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python detector/export.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--weights", default=str(BUNDLED_WEIGHTS), help="our .safetensors (or an ultralytics .pt)")
-    p.add_argument("--format", choices=("onnx", "engine"), default="onnx")
-    p.add_argument("--output", type=output_file,
-                   help="the exported file, .onnx or .engine (default: the weights path with that suffix)")
+    p.add_argument("--format", choices=("onnx", "engine", "safetensors"), default="onnx",
+                   help="safetensors: convert an ultralytics .pt (--trust-pickle where the safe loader refuses it)")
+    p.add_argument("--output", type=output_file, help="the exported file, .onnx, .engine or .safetensors (default: "
+                                                      "the weights path with that suffix)")
     p.add_argument("--imgsz", type=image_size, help="input size (default: the one in the weights' config)")
     p.add_argument("--opset", type=int, default=OPSET, choices=SUPPORTED_OPSETS, metavar="11..20")
     p.add_argument("--no-check", action="store_true",
@@ -267,8 +271,23 @@ def export_engine(weights, output=None, imgsz: int | None = None, max_batch: int
             "max_batch": max_batch, "opset": opset, **built, **calibration, "parity": checked}
 
 
+def convert_checkpoint(weights, output=None, imgsz: int | None = None, trust_pickle: bool = False,
+                       made_by: str = "") -> dict:
+    """An ultralytics ``.pt`` as our ``.safetensors`` + ``.json``: unpickled once, on the user's word, then loaded
+    safely everywhere (``--weights``, ``--model``)."""
+    from detector.infer import load_torch_model, save_torch_model
+    weights = Path(weights)
+    if weights.suffix != ".pt":
+        raise BadInput(weights, "--format safetensors converts an ultralytics .pt checkpoint")
+    model, cfg = load_torch_model(weights, trust_pickle=trust_pickle)
+    out = Path(output) if output else weights.with_suffix(".safetensors")
+    saved = save_torch_model(model, out, imgsz=imgsz or cfg.imgsz, made_by=made_by, source=str(weights))
+    return {"format": "safetensors", "weights": str(out), "config": str(out.with_suffix(".json")),
+            "source_sha256": cfg.sha256, "sha256": saved.sha256, "imgsz": saved.imgsz, "names": saved.names}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Export detector weights to ONNX or TensorRT; prints a JSON summary (and the ONNX parity check)."""
+    """Export detector weights to ONNX or TensorRT, or convert a .pt; prints a JSON summary."""
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     weights = Path(args.weights)
@@ -278,10 +297,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.output and Path(args.output).suffix != suffix:
         raise BadInput(args.output, f"--output of --format {args.format} must end in {suffix} (the JSON result "
                                     "goes to --out)")
-    if args.out and Path(args.out).suffix in (".onnx", ".engine"):
+    if args.out and Path(args.out).suffix in (".onnx", ".engine", ".safetensors"):
         raise BadInput(args.out, "--out is the JSON result; the exported model goes to --output")
     precision = args.precision or ("fp32" if args.format == "onnx" else "fp16")
-    if args.format == "onnx":
+    if args.format == "safetensors":
+        made_by = "python detector/export.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+        result = convert_checkpoint(weights, args.output, args.imgsz, trust_pickle=args.trust_pickle, made_by=made_by)
+    elif args.format == "onnx":
         result = export_onnx(weights, args.output, args.imgsz, args.opset, trust_pickle=args.trust_pickle,
                              precision=precision, calib_data=args.calib_data, check=not args.no_check)
     else:

@@ -266,6 +266,26 @@ def load_torch_model(weights, trust_pickle: bool = False):
     raise BadInput(weights, "expected detector weights ending in .safetensors or .pt")
 
 
+def save_torch_model(model, out, *, imgsz: int, made_by: str = "", source: str = "", metrics: dict | None = None):
+    """Write a ``DetectionModel`` as our weights: fp16 safetensors (no pickle) + the ``DetectorConfig`` beside it."""
+    from safetensors.torch import save_file
+
+    from detector import yolo
+    from lpr4m.io import atomic_path
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        save_file(yolo.state_dict_for_saving(model), str(tmp), metadata={"format": "pt", "kind": "lpr-detector"})
+    names = model.names if isinstance(model.names, dict) else dict(enumerate(model.names))
+    yaml_file = Path(str(model.yaml.get("yaml_file", "")))
+    model_name = yaml_file.name if yaml_file.parent == yolo.PROJECT_MODELS else str(yaml_file)  # ours: no local path
+    cfg = DetectorConfig(model=model_name, model_yaml=yolo.model_yaml(model.yaml, len(names)), nc=len(names),
+                         names=[names[i] for i in sorted(names)], imgsz=int(imgsz),
+                         stride=int(max(model.stride)), sha256=yolo.sha256_file(out), made_by=made_by,
+                         source=source, metrics=metrics or {}, ultralytics_version=yolo.version())
+    cfg.save(out.with_suffix(".json"))
+    return cfg
+
+
 def load_detector(weights, device: str = "cpu", conf: float = 0.25, imgsz: int | None = None,
                   trust_pickle: bool = False, batch_size: int = 16, spin_wait: bool = True) -> Detector:
     """A ``Detector`` for ``weights``; the backend follows the suffix (.safetensors/.pt, .onnx, .engine).

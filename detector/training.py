@@ -230,11 +230,8 @@ def _total(loss) -> float:
 
 def publish_run(run_dir: Path, made_by: str, imgsz: int) -> dict:
     """Convert the run's best (else last) checkpoint to ``weights/detector.safetensors`` + ``detector.json``."""
-    from safetensors.torch import save_file
-
     from detector import yolo
-    from detector.config import DetectorConfig
-    from lpr4m.io import atomic_path
+    from detector.infer import save_torch_model
     ckpt = run_dir / "weights" / "best.pt"
     if not ckpt.is_file():
         ckpt = run_dir / "weights" / "last.pt"
@@ -242,18 +239,9 @@ def publish_run(run_dir: Path, made_by: str, imgsz: int) -> dict:
         if f.is_file():  # ultralytics rewrote them (optimizer stripped) after the last on_model_save
             yolo.record_trusted(f)
     model = yolo.load_ultralytics_checkpoint(ckpt)
-    out = run_dir / "weights" / "detector.safetensors"
-    with atomic_path(out) as tmp:
-        save_file(yolo.state_dict_for_saving(model), str(tmp), metadata={"format": "pt", "kind": "lpr-detector"})
-    names = model.names if isinstance(model.names, dict) else dict(enumerate(model.names))
     metrics = _final_metrics(run_dir)
-    yaml_file = Path(str(model.yaml.get("yaml_file", "")))
-    model_name = yaml_file.name if yaml_file.parent == yolo.PROJECT_MODELS else str(yaml_file)  # ours: no local path
-    cfg = DetectorConfig(model=model_name, model_yaml=yolo.model_yaml(model.yaml, len(names)), nc=len(names),
-                         names=[names[i] for i in sorted(names)], imgsz=int(imgsz),
-                         stride=int(max(model.stride)), sha256=yolo.sha256_file(out), made_by=made_by,
-                         source=str(run_dir), metrics=metrics, ultralytics_version=yolo.version())
-    cfg.save(out.with_suffix(".json"))
+    out = run_dir / "weights" / "detector.safetensors"
+    save_torch_model(model, out, imgsz=imgsz, made_by=made_by, source=str(run_dir), metrics=metrics)
     write_json(run_dir / "metrics.json", metrics)
     return {"weights": str(out), "config": str(out.with_suffix(".json")), "metrics": metrics}
 
@@ -274,7 +262,8 @@ def _final_metrics(run_dir: Path) -> dict:
             out[k.strip()] = float(v)
         except (TypeError, ValueError):
             pass
-    out["epochs_done"] = len(rows)
+    # a resume after a kill that lost an epoch's checkpoint trains that epoch again, and ultralytics appends a row
+    out["epochs_done"] = int(out.pop("epoch", len(rows)))
     return out
 
 
@@ -289,6 +278,23 @@ def ultralytics_overrides(knobs: dict, seed: int, amp: bool = True, freeze: list
 
 def train(args: argparse.Namespace, callbacks: dict | None = None) -> dict:
     """The work behind ``main``; ``callbacks`` (ultralytics events -> fns) let tests interrupt a run."""
+    with contextlib.ExitStack() as locks:
+        return _train(args, callbacks, locks)
+
+
+def _claim(run_dir: Path, locks: contextlib.ExitStack) -> None:
+    """One process per run folder (a second ``--resume`` of it exits 2 naming the holder); then the temp files a
+    killed checkpoint write left are ours to remove."""
+    from lpr4m.io import exclusive
+    if not run_dir.is_dir():
+        raise BadInput(run_dir, "not a run folder (expected runs/detector/<run> with weights/last.pt)")
+    locks.enter_context(exclusive(run_dir / ".lock", f"the training run {run_dir}", wait=False))
+    for stale in (run_dir / "weights").glob(".*.pt.partial"):
+        logger.info("removing %s, left by a run killed while it saved a checkpoint", stale)
+        stale.unlink(missing_ok=True)
+
+
+def _train(args: argparse.Namespace, callbacks: dict | None, locks: contextlib.ExitStack) -> dict:
     from detector import yolo
     from detector.dataset import build_yolo_dataset, merged_yaml
     made_by = "python detector/train.py " + " ".join(shlex.quote(a) for a in (args.argv or []))
@@ -299,6 +305,7 @@ def train(args: argparse.Namespace, callbacks: dict | None = None) -> dict:
     t0 = time.time()
     if args.resume:
         run_dir = _latest_run(runs_dir) if args.resume == "latest" else Path(args.resume)
+        _claim(run_dir, locks)
         last = resume_checkpoint(run_dir)
         overrides = {k: knobs[k] for k in ("device", "batch", "workers") if getattr(args, k, None) is not None}
         config = read_json(run_dir / "config.json", expect=dict) if (run_dir / "config.json").is_file() else {}
@@ -324,6 +331,7 @@ def train(args: argparse.Namespace, callbacks: dict | None = None) -> dict:
                                     problems=problems, rebuild=args.rebuild_cache,
                                     frames_per_clip=knobs["frames_per_clip"]) for root in args.data]
         run_dir = _new_run_dir(runs_dir, args.name)
+        _claim(run_dir, locks)
         data_yaml = views[0].yaml if len(views) == 1 else merged_yaml(views, run_dir / "data.yaml")
         try:
             start, desc = _start_weights(knobs["model"], run_dir, args.trust_pickle)

@@ -262,6 +262,84 @@ def test_checkpoints_are_written_through_temp_files_and_resume_falls_back(traine
         resume_checkpoint(trained.run_dir)
 
 
+KILL_IN_SECOND_SAVE = """
+import os, pathlib, signal, sys
+from detector import training
+real_write = pathlib.Path.write_bytes
+saves = []
+
+def write_then_die(self, data):
+    if self.name == ".last.pt.partial":
+        saves.append(self)
+        if len(saves) == 2:  # epoch 2: half the checkpoint reaches the disk, then the process is killed
+            real_write(self, data[:len(data) // 2])
+            os.kill(os.getpid(), signal.SIGKILL)
+    return real_write(self, data)
+
+pathlib.Path.write_bytes = write_then_die
+training.main(sys.argv[1:])
+"""
+
+
+def test_kill_during_a_checkpoint_write_leaves_a_resumable_run(lpr4m_mini, cache_env, tmp_path, capsys):
+    """A real process killed (SIGKILL) halfway through writing epoch 2's checkpoint: the previous last.pt is whole,
+    the resume finishes the run and removes the half-written temp file."""
+    from detector import training
+    runs = tmp_path / "runs"
+    args = ["--data", str(lpr4m_mini), "--preset", "tiny", "--imgsz", str(IMGSZ), "--epochs", "2",
+            "--runs-dir", str(runs), "--name", "k"]
+    proc = subprocess.run([sys.executable, "-c", KILL_IN_SECOND_SAVE, *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=600, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    (run,) = list(runs.iterdir())
+    partial = run / "weights" / ".last.pt.partial"
+    assert partial.is_file() and training.resume_checkpoint(run) == run / "weights" / "last.pt"
+    assert len(_rows(run / "results.csv")) == 2  # epoch 2 trained; its checkpoint was lost with the kill
+    assert run_main(training.main, ["--resume", str(run)]) == 0
+    # epoch 2 trained again from epoch 1's checkpoint: the killed attempt's row stays in the log
+    assert [int(float(r["epoch"])) for r in _rows(run / "results.csv")] == [1, 2, 2]
+    assert json.loads((run / "metrics.json").read_text())["epochs_done"] == 2
+    assert (run / "weights" / "detector.safetensors").is_file() and not list(run.glob("weights/.*"))
+    # one trainer a run folder: a second --resume while another process holds it exits 2 naming the holder
+    capsys.readouterr()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom lpr4m.io import exclusive\n"
+                               "with exclusive(sys.argv[1], 'run'):\n    print('held', flush=True)\n    time.sleep(60)",
+                               str(run / ".lock")], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert run_main(training.main, ["--resume", str(run)]) == 2
+        assert f"is in use by pid {holder.pid}" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run_main(training.main, ["--resume", str(tmp_path / "nowhere")]) == 2
+    assert "not a run folder" in capsys.readouterr().err
+
+
+def test_convert_a_trusted_pt_once_then_load_it_safely(trained, tmp_path, capsys):
+    from detector import exporting, load_detector
+    pt = tmp_path / "theirs.pt"
+    shutil.copy(trained.run_dir / "weights" / "best.pt", pt)
+    out = tmp_path / "ours.safetensors"
+    assert run_main(exporting.main, ["--weights", str(pt), "--format", "safetensors", "--output", str(out)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["weights"] == str(out) and result["imgsz"] == IMGSZ and result["names"] == ["product"]
+    cfg = json.loads(out.with_suffix(".json").read_text())
+    assert cfg["kind"] == "lpr-detector" and cfg["source"] == str(pt) and "--format safetensors" in cfg["made_by"]
+    frames = _frames(trained.data, 2)
+    theirs = load_detector(pt, conf=0.05).detect(frames)
+    ours = load_detector(out, conf=0.05).detect(frames)
+    for a, b in zip(theirs, ours):  # fp16 weights: the same boxes within a pixel
+        assert len(a) == len(b) and np.abs(a.xyxy - b.xyxy).max(initial=0) < 1.0
+    assert run_main(exporting.main, ["--weights", str(out), "--format", "safetensors"]) == 2
+    assert "converts an ultralytics .pt" in capsys.readouterr().err
+    evil = tmp_path / "evil.pt"
+    import torch
+    torch.save({"model": _Evil()}, evil)
+    assert run_main(exporting.main, ["--weights", str(evil), "--format", "safetensors"]) == 2
+    assert "trust-pickle" in capsys.readouterr().err and not evil.with_suffix(".safetensors").exists()
+
+
 def test_new_run_never_overwrites(trained):
     from detector.training import _new_run_dir
     a, b = _new_run_dir(trained.runs, "x"), _new_run_dir(trained.runs, "x")
