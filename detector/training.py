@@ -282,11 +282,11 @@ def train(args: argparse.Namespace, callbacks: dict | None = None) -> dict:
         return _train(args, callbacks, locks)
 
 
-def _claim(run_dir: Path, locks: contextlib.ExitStack) -> None:
+def _claim(run_dir: Path, locks: contextlib.ExitStack, resuming: bool) -> None:
     """One process per run folder (a second ``--resume`` of it exits 2 naming the holder); then the temp files a
     killed checkpoint write left are ours to remove."""
     from lpr4m.io import exclusive
-    if not run_dir.is_dir():
+    if not run_dir.is_dir() or (resuming and not (run_dir / "weights" / "last.pt").is_file()):
         raise BadInput(run_dir, "not a run folder (expected runs/detector/<run> with weights/last.pt)")
     locks.enter_context(exclusive(run_dir / ".lock", f"the training run {run_dir}", wait=False))
     for stale in (run_dir / "weights").glob(".*.pt.partial"):
@@ -305,7 +305,7 @@ def _train(args: argparse.Namespace, callbacks: dict | None, locks: contextlib.E
     t0 = time.time()
     if args.resume:
         run_dir = _latest_run(runs_dir) if args.resume == "latest" else Path(args.resume)
-        _claim(run_dir, locks)
+        _claim(run_dir, locks, resuming=True)
         last = resume_checkpoint(run_dir)
         overrides = {k: knobs[k] for k in ("device", "batch", "workers") if getattr(args, k, None) is not None}
         config = read_json(run_dir / "config.json", expect=dict) if (run_dir / "config.json").is_file() else {}
@@ -318,7 +318,9 @@ def _train(args: argparse.Namespace, callbacks: dict | None, locks: contextlib.E
             write_json(run_dir / "config.json", config)
         logger.info("resuming %s", run_dir)
         try:
-            yolo.train("", Path(), runs_dir, run_dir.name, overrides, _callbacks(None, callbacks), resume=last)
+            merged = run_dir / "data.yaml"  # several roots: the list lives in the run folder, which may have moved
+            yolo.train("", merged if merged.is_file() else Path(), runs_dir, run_dir.name, overrides,
+                       _callbacks(None, callbacks), resume=last)
         except AssertionError as e:  # ultralytics: "training to N epochs is finished, nothing to resume"
             raise BadInput(last, f"cannot resume: {e}") from None
         imgsz = config.get("knobs", {}).get("imgsz", knobs["imgsz"])
@@ -331,7 +333,7 @@ def _train(args: argparse.Namespace, callbacks: dict | None, locks: contextlib.E
                                     problems=problems, rebuild=args.rebuild_cache,
                                     frames_per_clip=knobs["frames_per_clip"]) for root in args.data]
         run_dir = _new_run_dir(runs_dir, args.name)
-        _claim(run_dir, locks)
+        _claim(run_dir, locks, resuming=False)
         data_yaml = views[0].yaml if len(views) == 1 else merged_yaml(views, run_dir / "data.yaml")
         try:
             start, desc = _start_weights(knobs["model"], run_dir, args.trust_pickle)

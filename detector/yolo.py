@@ -427,7 +427,10 @@ def train(model: str, data_yaml: Path, project: Path, name: str, overrides: dict
     from ultralytics import YOLO
     if resume is not None:
         yolo = YOLO(str(resume), task="detect")
-        args = {"resume": True}
+        # the checkpoint names the folder it was written in: a copied or moved run must go on where it is now
+        args = {"resume": True, "save_dir": str(Path(resume).resolve().parent.parent)}
+        if str(data_yaml) not in ("", "."):
+            args["data"] = str(data_yaml)
         args.update({k: v for k, v in overrides.items() if k in ("device", "batch", "workers")})
     else:
         yolo = YOLO(model, task="detect")

@@ -34,6 +34,14 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str):
         self.exit(EXIT_BAD_INPUT, f"error: {message} (see {self.prog} --help)\n")
 
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        try:
+            check_outputs_apart(self, namespace)
+        except BadInput as err:
+            self.error(str(err))
+        return namespace, extras
+
 
 def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
@@ -47,16 +55,17 @@ def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
     try:
         return main(argv) or 0
     except BadInput as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        message = f"error: {err}"
     except OSError as err:
         if err.filename is None:
             raise
-        print(f"error: {err.filename}: {err.strerror or type(err).__name__}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        message = f"error: {err.filename}: {err.strerror or type(err).__name__}"
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    # a file name that is not UTF-8 is shown escaped (\udcff), not raised again while printing
+    print(message.encode("utf-8", "backslashreplace").decode("utf-8"), file=sys.stderr)
+    return EXIT_BAD_INPUT
 
 
 def parse_ks(text: str) -> tuple[int, ...]:
@@ -111,9 +120,13 @@ def fraction(text: str) -> float:
     return _number(float, text, 0.0, True, 1.0)
 
 
+MAX_IMAGE_SIZE = 4096
+
+
 def image_size(text: str) -> int:
-    """argparse type for ``--imgsz``: a positive multiple of 32 (the stride of every YOLO model we build)."""
-    value = positive_int(text)
+    """argparse type for ``--imgsz``: a positive multiple of 32 (the stride of every YOLO model we build), at most
+    ``MAX_IMAGE_SIZE``."""
+    value = _number(int, text, 0, False, MAX_IMAGE_SIZE)
     if value % 32:
         raise argparse.ArgumentTypeError(f"expected a multiple of 32 (the model stride), got {value}")
     return value
@@ -221,6 +234,53 @@ def output_dir(text: str) -> str:
     except BadInput as err:
         raise argparse.ArgumentTypeError(err.message.replace("cannot create it: ", "")) from None
     return text
+
+
+def output_folder(text: str) -> str:
+    """argparse type for a folder a command makes as a whole (a dataset, an index): as ``output_dir``, and no other
+    output may be written inside it."""
+    return output_dir(text)
+
+
+def _paths(value) -> list[Path]:
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return [Path(v) for v in values if isinstance(v, (str, os.PathLike)) and str(v) not in ("", "-")]
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except (OSError, ValueError):  # a name too long, a NUL byte: not a file of ours
+        return False
+
+
+def check_outputs_apart(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse, before any work, an output that would replace an input (the clip, the weights or their config, a
+    file of a dataset), a new dataset or index inside an input folder (read back as input next time), two outputs
+    on one file, and an output inside a folder another output makes whole."""
+    files, folders, inputs = [], [], []
+    for action in parser._actions:
+        value = getattr(args, action.dest, None)
+        kind = {output_file: files, output_dir: files, output_folder: folders}.get(action.type, inputs)
+        name = action.option_strings[-1] if action.option_strings else action.dest.upper()
+        kind += [(name, p.resolve()) for p in _paths(value) if kind is not inputs or _exists(p)]
+    for name, p in list(inputs):
+        if p.is_file():  # a weights file's config travels beside it
+            inputs += [(name, q) for q in (p.with_suffix(".json"), p.with_name(p.name + ".json")) if q.is_file()]
+    for name, out in files + folders:
+        for in_name, inp in inputs:
+            if out == inp:
+                raise BadInput(out, f"{name} would overwrite the input of {in_name}; pick another path")
+            if inp.is_dir() and inp in out.parents and (_exists(out) or (name, out) in folders):
+                raise BadInput(out, f"{name} lies inside the input folder {inp} ({in_name}); pick a path outside it")
+    for i, (name, out) in enumerate(files + folders):
+        for other_name, other in (files + folders)[i + 1:]:
+            if out == other:
+                raise BadInput(out, f"{name} and {other_name} name the same path")
+    for folder_name, folder in folders:
+        for name, out in files + folders:
+            if folder in out.parents:
+                raise BadInput(out, f"{name} lies inside {folder}, which {folder_name} writes as a whole")
 
 
 def emit_json(result: Any, out: str | None = None) -> None:

@@ -42,8 +42,8 @@ from PIL import Image
 
 from lpr4m import render as R
 from lpr4m.annotations import TrainingClip, write_id_map, write_id_text, write_training_videoinfo
-from lpr4m.cli import Parser, emit_json, fraction, nonnegative_int, output_file, positive_int, progress, \
-    setup_logging
+from lpr4m.cli import (Parser, emit_json, fraction, nonnegative_int, output_file, output_folder, positive_int,
+                       progress, setup_logging)
 from lpr4m.errors import BadInput, Problems
 from lpr4m.ids import GALLERY_NAME_RE, IMAGE_ID_RE, IMAGE_SUFFIXES
 from lpr4m.io import new_folder, write_json
@@ -471,7 +471,7 @@ def _save(path: Path, rgb: np.ndarray) -> None:
 # -- CLI -----------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     ap = Parser(prog="python -m lpr4m composite", description=__doc__.split("\n\n")[0])
-    ap.add_argument("out", help="new (or empty) folder for the dataset")
+    ap.add_argument("out", type=output_folder, help="new (or empty) folder for the dataset")
     ap.add_argument("--products", nargs="+", required=True,
                     help="folders of shop images, or LPR4M roots (training_image/ and gallery/ main views)")
     ap.add_argument("--backgrounds", nargs="+", required=True, help="videos, images or folders of them")

@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Iterator, NamedTuple
 from urllib.parse import urlsplit
 
-from lpr4m.cli import (Parser, emit_json, nonnegative_int, output_file, positive_float, positive_int, progress,
-                       setup_logging)
+from lpr4m.cli import (Parser, emit_json, nonnegative_int, output_file, output_folder, positive_float, positive_int,
+                       progress, setup_logging)
 from lpr4m.errors import BadInput, Problems
 from lpr4m.ids import target_from_url
 from lpr4m.io import atomic_write
@@ -176,7 +176,8 @@ def summarize_stats(stats: dict[int, dict]) -> dict:
 def build_download_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m lpr4m download", description=__doc__.split("\n\n")[0])
     p.add_argument("url_list", help="text file, one http(s) URL per line (LPR4M's *_url.txt lists)")
-    p.add_argument("out", help="img2dataset output folder (shards); re-running resumes unfinished shards")
+    p.add_argument("out", type=output_folder,
+                   help="img2dataset output folder (shards); re-running resumes unfinished shards")
     p.add_argument("--processes", type=positive_int, default=max(1, min(16, os.cpu_count() or 1)))
     p.add_argument("--threads", type=positive_int, default=32, help="download threads per process")
     p.add_argument("--distributor", choices=("multiprocessing", "pyspark", "ray"), default="multiprocessing")

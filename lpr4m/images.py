@@ -81,6 +81,9 @@ def _opened(path):
         raise
     except FileNotFoundError:
         raise BadInput(path, "image not found") from None
+    except Image.DecompressionBombError:
+        raise BadInput(path, f"image too large (over {2 * Image.MAX_IMAGE_PIXELS:,} pixels; PIL refuses it as a "
+                             "possible decompression bomb)") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise BadInput(path, f"corrupt or unreadable image ({type(e).__name__})") from None
 

@@ -45,6 +45,8 @@ def check_output_file(path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.is_dir():
         raise BadInput(path, "is a folder; expected a file name for the output")
+    if path.exists() and not path.is_file():  # a device or a pipe: renaming a temp file over it would replace it
+        raise BadInput(path, "is not a regular file (a device or a pipe); expected a file name for the output")
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
@@ -230,6 +232,8 @@ def read_json(path: str | os.PathLike, expect: type | None = None) -> Any:
         second = text.find(key, text.find(key) + 1)
         raise BadInput(path, f"key {key} appears twice (expected each key once)",
                        line=text.count("\n", 0, second) + 1 if second >= 0 else None) from None
+    except (RecursionError, ValueError) as e:  # nested thousands deep; an integer of thousands of digits
+        raise BadInput(path, f"unreadable JSON ({type(e).__name__}: nested too deep or a number too long)") from None
     if expect is not None and not isinstance(obj, expect):
         raise BadInput(path, f"expected a JSON {expect.__name__}, got {type(obj).__name__}")
     return obj

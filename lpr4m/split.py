@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from lpr4m import annotations as ann
-from lpr4m.cli import Parser, emit_json, fraction, nonnegative_int, output_file, setup_logging
+from lpr4m.cli import Parser, emit_json, fraction, nonnegative_int, output_file, output_folder, setup_logging
 from lpr4m.errors import BadInput, Problems
 from lpr4m.io import new_folder, write_json
 from lpr4m.layout import Dataset
@@ -30,6 +30,9 @@ def choose_holdout(products: list[str], holdout: float, seed: int) -> set[str]:
     if len(products) < 2:
         raise BadInput(None, f"a split by product needs at least 2 training products, found {len(products)}")
     n = min(len(products) - 1, max(1, round(holdout * len(products))))
+    if n != round(holdout * len(products)):
+        logger.warning("--holdout-products %g of %d products rounds to %d; holding out %d (at least one, never all)",
+                       holdout, len(products), round(holdout * len(products)), n)
     rng = np.random.default_rng(seed)
     return set(rng.choice(sorted(products), size=n, replace=False).tolist())
 
@@ -119,11 +122,19 @@ def split_by_product(root, out, holdout: float = 0.25, seed: int = 0, problems: 
     return summary
 
 
+def holdout_fraction(text: str) -> float:
+    """argparse type: a fraction strictly between 0 and 1 (0 would hold nothing out, 1 would train on nothing)."""
+    value = fraction(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction strictly between 0 and 1, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m lpr4m split", description=__doc__.split("\n\n")[0])
     p.add_argument("root", help="an LPR4M root with annotations/training_videoinfo*.txt")
-    p.add_argument("out", help="a new folder for the split (links into ROOT)")
-    p.add_argument("--holdout-products", type=fraction, default=0.25,
+    p.add_argument("out", type=output_folder, help="a new folder for the split (links into ROOT)")
+    p.add_argument("--holdout-products", type=holdout_fraction, default=0.25,
                    help="fraction of the training products held out of training (their clips become test queries)")
     p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--strict", action="store_true", help="stop at the first bad row instead of skipping it")

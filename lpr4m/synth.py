@@ -44,7 +44,8 @@ from PIL import Image
 
 from lpr4m import render as R
 from lpr4m.annotations import TrainingClip, write_id_map, write_id_text, write_training_videoinfo
-from lpr4m.cli import Parser, emit_json, nonnegative_int, output_file, positive_float, progress, setup_logging
+from lpr4m.cli import (Parser, emit_json, nonnegative_int, output_file, output_folder, positive_float, progress,
+                       setup_logging)
 from lpr4m.errors import BadInput, Problems
 from lpr4m.ids import IMAGE_SUFFIXES
 from lpr4m.io import new_folder, write_json
@@ -572,7 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
                 epilog="presets: " + "; ".join(
                     f"{k}: {c.train_lives}+{c.test_lives} lives, {c.frame_size[0]}x{c.frame_size[1]}"
                     for k, c in PRESETS.items()))
-    ap.add_argument("out", help="new (or empty) folder for the dataset")
+    ap.add_argument("out", type=output_folder, help="new (or empty) folder for the dataset")
     ap.add_argument("--seed", type=nonnegative_int, default=0)
     ap.add_argument("--preset", default="test", choices=sorted(PRESETS))
     ap.add_argument("--scale", type=positive_float, help="multiply the numbers of training and test lives")

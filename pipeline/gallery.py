@@ -125,8 +125,12 @@ def collect_folder(folder: Path) -> list[GalleryItem]:
     for p in sorted(folder.rglob("*")):
         if p.suffix.lower() not in IMAGE_SUFFIXES or not p.is_file() or p.name.startswith("."):
             continue
-        image_id, view = _name_to_id(p.stem)
         rel = p.relative_to(folder)
+        try:
+            rel.as_posix().encode("utf-8")
+        except UnicodeEncodeError:  # the index's meta.json records names as UTF-8 text
+            raise BadInput(p, "file name is not valid UTF-8; rename the file") from None
+        image_id, view = _name_to_id(p.stem)
         live_id = rel.parts[0] if len(rel.parts) > 1 else (folder.name if LIVE_ID_RE.match(folder.name) else "")
         if (other := seen.setdefault((live_id, image_id, view), rel)) != rel:
             raise BadInput(folder / rel, f"the same shop image as {other} (image id {image_id!r}, view {view}); "
@@ -708,8 +712,16 @@ def _remove_stale(path: Path, keep: str) -> None:
         if p.name != keep and p.is_file() and (_STALE.match(p.name) or p.name == INDEX_FILE):
             p.unlink(missing_ok=True)
     for p in path.parent.glob(f".{path.name}.*"):
-        if p.is_dir() and (p.name.endswith(".tmp") or p.name.startswith(f".{path.name}.old-")):
+        if p.is_dir() and (p.name.endswith(".tmp") or p.name.startswith(f".{path.name}.old-")) and _swap_leftover(p):
             shutil.rmtree(p, ignore_errors=True)
+
+
+def _swap_leftover(folder: Path) -> bool:
+    """Whether a folder beside an index is what an older version's swap left: one of our index folders, or holding
+    nothing but our index files. A user's folder that happens to have such a name is kept."""
+    files = list(folder.iterdir())
+    return is_index_folder(folder) or all(
+        f.is_file() and (f.name in (INDEX_FILE, LOCK_FILE) or _STALE.match(f.name)) for f in files)
 
 
 def rows_sha256(meta: dict) -> str:

@@ -16,7 +16,8 @@ import argparse  # noqa: E402
 import logging  # noqa: E402
 from typing import Sequence  # noqa: E402
 
-from lpr4m.cli import Parser, device_arg, emit_json, output_file, positive_int, run_main, setup_logging  # noqa: E402
+from lpr4m.cli import (Parser, device_arg, emit_json, output_file, output_folder, positive_int, run_main,  # noqa: E402
+                       setup_logging)
 from lpr4m.errors import BadInput, Problems  # noqa: E402
 
 logger = logging.getLogger("pipeline.index")
@@ -28,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog="python pipeline/index.py", description=__doc__.split("\n\n")[0].split(":", 1)[-1].strip())
     p.add_argument("--gallery", help="folder of shop images, or an LPR4M root (its gallery/ or training images)")
-    p.add_argument("--out", required=True, help="index folder to write (or to update with --add/--remove)")
+    p.add_argument("--out", required=True, type=output_folder,
+                   help="index folder to write (or to update with --add/--remove)")
     p.add_argument("--add", metavar="DIR", help="append the shop images of DIR to the existing --out index")
     p.add_argument("--remove", nargs="+", metavar="ID", help="drop these image ids from the existing --out index")
     p.add_argument("--split", choices=("test", "training", "all"), default="test",

@@ -26,7 +26,8 @@ import shutil  # noqa: E402
 import tempfile  # noqa: E402
 from typing import Sequence  # noqa: E402
 
-from lpr4m.cli import Parser, emit_json, nonnegative_int, positive_int, run_main, setup_logging  # noqa: E402
+from lpr4m.cli import (Parser, emit_json, nonnegative_int, output_folder, positive_int, run_main,  # noqa: E402
+                       setup_logging)
 from lpr4m.errors import BadInput  # noqa: E402
 
 logger = logging.getLogger("pipeline.make_demo")
@@ -214,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="demo")
     p.add_argument("--seed", type=nonnegative_int, default=1)
     p.add_argument("--clips", type=positive_int, default=3, help="demo clips to bundle")
-    p.add_argument("--out", default=str(DEMO_DIR), help="demo folder to (re)write")
+    p.add_argument("--out", default=str(DEMO_DIR), type=output_folder, help="demo folder to (re)write")
     p.add_argument("--any-clips", action="store_true",
                    help="choose clips by size only (default: clips the bundled weights recognise at top-1)")
     p.add_argument("--weights", help="embedder for the check (default weights/retriever.safetensors)")

@@ -16,8 +16,8 @@ import argparse  # noqa: E402
 import logging  # noqa: E402
 from typing import Sequence  # noqa: E402
 
-from lpr4m.cli import (Parser, device_arg, fraction, nonnegative_int, positive_float, positive_int,  # noqa: E402
-                       run_main, setup_logging)
+from lpr4m.cli import (Parser, device_arg, fraction, nonnegative_int, output_file, positive_float,  # noqa: E402
+                       positive_int, run_main, setup_logging)
 from lpr4m.errors import BadInput  # noqa: E402
 
 logger = logging.getLogger("pipeline.run")
@@ -57,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cosine similarity below which a window starts a new product")
     p.add_argument("--seg-hysteresis", type=positive_int, default=2,
                    help="odd windows in a row that confirm a change")
-    p.add_argument("--json", metavar="OUT", help="write the result as JSON ('-' = stdout)")
-    p.add_argument("--html", metavar="OUT", help="write a self-contained HTML report")
+    p.add_argument("--json", metavar="OUT", type=output_file, help="write the result as JSON ('-' = stdout)")
+    p.add_argument("--html", metavar="OUT", type=output_file, help="write a self-contained HTML report")
     p.add_argument("--html-frames", type=nonnegative_int, default=48,
                    help="most frame thumbnails kept for the HTML report")
     p.add_argument("--strict", action="store_true", help="an unreadable shop image is fatal")
@@ -84,6 +84,8 @@ def load_gallery(args, embedder):
     from pipeline.gallery import GalleryIndex, cached_index
     if args.index:
         gallery = GalleryIndex.load(args.index, embedder)
+        if not gallery.ntotal:  # every image removed: nothing to rank against
+            raise BadInput(args.index, "the index holds no shop images (add some: pipeline/index.py --add DIR)")
         gallery.report_skipped(args.strict)
         return gallery
     gallery = Path(args.gallery) if args.gallery else DEMO_DIR / "gallery"

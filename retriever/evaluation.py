@@ -183,6 +183,7 @@ def evaluate(ds: Dataset, embedder, crops: str = "none", methods: Sequence[str] 
                        crop_policy=crop_policy)
     t1 = time.perf_counter()
     galleries = embed_galleries(ds, embedder, qs.live_ids, main_only, problems, batch_size=batch_size)
+    count_unreachable_answers(ds, qs, galleries, problems)
     t2 = time.perf_counter()
     k = max(max(ks), rankings_k)
     results, rankings, products = {}, {}, {}
@@ -200,6 +201,17 @@ def evaluate(ds: Dataset, embedder, crops: str = "none", methods: Sequence[str] 
     return {"results": results, "by_product": products, "rankings": rankings, "queries": qs,
             "timing_s": {"embed_queries": round(t1 - t0, 3), "embed_gallery": round(t2 - t1, 3),
                          "search": round(t3 - t2, 3)}}
+
+
+def count_unreachable_answers(ds: Dataset, qs: QuerySet, galleries, problems: Problems) -> None:
+    """A query none of whose answers is in its live's gallery can only miss: RICE counts it as a miss, and so do
+    we, but it is a fault of the data, so it is counted and named too."""
+    for video_id, live, gt in zip(qs.video_ids, qs.live_ids, qs.gt_ids):
+        ids = set(galleries.get(live, ([], None))[0])
+        if not ids.intersection(gt):
+            problems.add(BadInput(ds.root / "gallery" / live, f"query {video_id}: none of its ground-truth images "
+                                  f"({', '.join(gt)}) is in live {live}'s gallery; counted as a miss"),
+                         "answer_not_in_gallery")
 
 
 def write_rankings(path, qs: QuerySet, rankings: dict, k: int) -> None:

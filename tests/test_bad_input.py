@@ -411,3 +411,91 @@ def test_one_bad_test_annotation_entry_is_skipped_not_the_split(ds):
     assert problems.messages[0].startswith(str(root / ANN / "test_videoid_to_gtimage.json") + ":1: ")
     with pytest.raises(BadInput, match="unsafe"):
         Dataset(root, Problems(strict=True)).test_clips()
+
+
+# -- outputs that would replace inputs -----------------------------------------------------------------------------
+def _parse(module: str, argv: list[str]):
+    import importlib
+    return importlib.import_module(module).build_parser().parse_args(argv)
+
+
+def test_an_output_never_replaces_an_input_or_another_output(ds, tmp_path, capsys):
+    """Each case wrote over the clip, the weights, their config or an annotation file, or lost one of two outputs
+    (a hostile walkthrough, 2026-12-07); now refused by the parser before any work, one line, exit 2."""
+    root, _ = ds
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(b"a video")
+    weights = tmp_path / "w" / "retriever.safetensors"
+    weights.parent.mkdir()
+    weights.write_bytes(b"weights")
+    weights.with_suffix(".json").write_text("{}")
+    annotation = root / ANN / "training_videoinfo.txt"
+    index = tmp_path / "idx"
+    cases = [
+        ("pipeline.run", ["--clip", str(clip), "--html", str(clip)], "--html would overwrite the input of --clip"),
+        ("pipeline.run", ["--clip", str(clip), "--json", str(clip)], "--json would overwrite the input of --clip"),
+        ("retriever.evaluation", ["--data", str(root), "--weights", str(weights), "--out", str(weights)],
+         "--out would overwrite the input of --weights"),
+        ("retriever.evaluation", ["--data", str(root), "--weights", str(weights), "--out",
+                                  str(weights.with_suffix(".json"))], "--out would overwrite the input of --weights"),
+        ("retriever.exporting", ["--weights", str(weights), "--output", str(weights)], "would overwrite the input"),
+        ("detector.evaluation", ["--data", str(root), "--out", str(annotation)], "lies inside the input folder"),
+        ("lpr4m.split", [str(root), str(tmp_path / "s"), "--out", str(annotation)], "lies inside the input folder"),
+        ("retriever.evaluation", ["--data", str(root), "--out", str(tmp_path / "r.json"), "--save-rankings",
+                                  str(tmp_path / "r.json")], "name the same path"),
+        ("pipeline.index", ["--out", str(index), "--summary", str(index / "meta.json")], f"inside {index}"),
+        ("lpr4m.composite", [str(root / "more"), "--products", str(root), "--backgrounds", str(clip)],
+         "lies inside the input folder"),
+    ]
+    for module, argv, says in cases:
+        with pytest.raises(SystemExit) as e:
+            _parse(module, argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and says in err and err.count("\n") == 1, (module, argv, err)
+    assert clip.read_bytes() == b"a video" and weights.read_bytes() == b"weights"
+    # a new file inside an input folder is fine (nothing is replaced), and so is stdout
+    assert _parse("retriever.evaluation", ["--data", str(root), "--out", str(root / "new.json")]).out
+    assert _parse("pipeline.run", ["--clip", str(clip), "--json", "-"]).json == "-"
+
+
+def test_a_device_is_not_an_output_file(tmp_path):
+    from lpr4m.io import write_json
+    if not Path("/dev/null").exists():
+        pytest.skip("no /dev/null here")
+    with pytest.raises(BadInput, match="not a regular file"):
+        write_json("/dev/null", {})
+    assert Path("/dev/null").is_char_device()
+
+
+@pytest.mark.parametrize("text, says", [("[" * 200_000 + "]" * 200_000, "nested too deep"),
+                                        ("{\"a\": " + "9" * 5001 + "}", "a number too long")])
+def test_json_too_deep_or_too_long_is_one_line(tmp_path, text, says):
+    path = tmp_path / "a.json"
+    path.write_text(text)
+    with pytest.raises(BadInput, match=says):
+        read_json(path)
+
+
+def test_an_image_too_large_to_decode_is_refused(tmp_path):
+    from PIL import Image
+    path = tmp_path / "huge.png"
+    Image.new("1", (20000, 20000)).save(path)  # 400 Mpx, a few kB on disk
+    with pytest.raises(BadInput, match="image too large"):
+        load_rgb(path)
+
+
+@pytest.mark.parametrize("value", ["0", "1", "1.5"])
+def test_split_holds_out_some_products_and_trains_on_some(value, capsys):
+    with pytest.raises(SystemExit):
+        _parse("lpr4m.split", ["root", "out", "--holdout-products", value])
+    assert "strictly between 0 and 1" in capsys.readouterr().err or value == "1.5"
+
+
+def test_an_answer_missing_from_its_gallery_is_counted_not_silent(ds):
+    from retriever.evaluation import QuerySet, count_unreachable_answers
+    root, _ = ds
+    qs = QuerySet(["v1", "v2"], ["L1", "L1"], [["a"], ["z"]], [None, None])
+    problems = Problems()
+    from lpr4m.layout import Dataset
+    count_unreachable_answers(Dataset(root), qs, {"L1": (["a", "b"], None)}, problems)
+    assert problems.counts == {"answer_not_in_gallery": 1} and "query v2" in problems.messages[0]

@@ -295,6 +295,10 @@ def test_kill_during_a_checkpoint_write_leaves_a_resumable_run(lpr4m_mini, cache
     partial = run / "weights" / ".last.pt.partial"
     assert partial.is_file() and training.resume_checkpoint(run) == run / "weights" / "last.pt"
     assert len(_rows(run / "results.csv")) == 2  # epoch 2 trained; its checkpoint was lost with the kill
+    copy = tmp_path / "elsewhere" / run.name  # a copied run goes on in the copy; the original is not touched
+    shutil.copytree(run, copy)
+    assert run_main(training.main, ["--resume", str(copy)]) == 0
+    assert len(_rows(copy / "results.csv")) == 3 and len(_rows(run / "results.csv")) == 2 and partial.is_file()
     assert run_main(training.main, ["--resume", str(run)]) == 0
     # epoch 2 trained again from epoch 1's checkpoint: the killed attempt's row stays in the log
     assert [int(float(r["epoch"])) for r in _rows(run / "results.csv")] == [1, 2, 2]
@@ -312,8 +316,10 @@ def test_kill_during_a_checkpoint_write_leaves_a_resumable_run(lpr4m_mini, cache
     finally:
         holder.kill()
         holder.wait()
-    assert run_main(training.main, ["--resume", str(tmp_path / "nowhere")]) == 2
-    assert "not a run folder" in capsys.readouterr().err
+    for not_a_run in (tmp_path / "nowhere", tmp_path / "elsewhere"):
+        assert run_main(training.main, ["--resume", str(not_a_run)]) == 2
+        assert "not a run folder" in capsys.readouterr().err
+    assert not (tmp_path / "elsewhere" / ".lock").exists()
 
 
 def test_convert_a_trusted_pt_once_then_load_it_safely(trained, tmp_path, capsys):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from lpr4m.cli import run_main
+from lpr4m.errors import BadInput
 from lpr4m.layout import Dataset
 from lpr4m.split import main as split_main, split_by_product
 
@@ -44,7 +45,11 @@ def test_split_bad_input(lpr4m_mini, split, tmp_path, capsys):
     out, _ = split
     assert run_main(split_main, [str(lpr4m_mini), str(out)]) == 2  # not an empty folder
     assert "not an empty folder" in capsys.readouterr().err
-    assert run_main(split_main, [str(lpr4m_mini), str(lpr4m_mini / "inside")]) == 2
+    with pytest.raises(SystemExit) as e:  # refused by the parser, before any work
+        split_main([str(lpr4m_mini), str(lpr4m_mini / "inside")])
+    assert e.value.code == 2 and "lies inside the input folder" in capsys.readouterr().err
+    with pytest.raises(BadInput, match="must not lie inside"):  # and by the library
+        split_by_product(lpr4m_mini, lpr4m_mini / "inside")
     assert run_main(split_main, [str(tmp_path / "missing"), str(tmp_path / "o")]) == 2
     with pytest.raises(SystemExit):
         split_main([str(lpr4m_mini), str(tmp_path / "o"), "--holdout-products", "1.5"])

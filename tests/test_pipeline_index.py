@@ -7,6 +7,7 @@ tests/test_pipeline_run.py.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -204,12 +205,15 @@ def test_index_folder_is_ours_or_refused_and_updates_touch_only_our_files(tmp_pa
     (out / "index-0123456789abcdef.faiss").write_bytes(b"orphan")
     (tmp_path / ".idx.abc123.tmp").mkdir()
     (tmp_path / ".idx.old-1-2").mkdir()
+    (tmp_path / ".idx.old-1-2" / "index.faiss").write_bytes(b"orphan")
+    (tmp_path / ".idx.user.tmp").mkdir()  # a user's folder that only looks like ours
+    (tmp_path / ".idx.user.tmp" / "draft.txt").write_text("mine")
     gi.remove(["img0"])
     gi.save(out)
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted([".lock", "NOTES.txt", "old_backup", "meta.json", gi.meta["index_file"]])
     assert (out / "old_backup" / "x").read_text() == "mine too"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx", "project"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".idx.user.tmp", "idx", "project"]
     assert G.GalleryIndex.load(out).ntotal == 8
 
 
@@ -428,6 +432,11 @@ def test_index_cli_bad_galleries(tmp_path, emb_weights, lpr4m_mini, capsys):
                                "--weights", emb_weights], capsys)
     assert code == 2 and "'nonexistent' is not a live-stream id" in err and len(err.strip().splitlines()) == 1
     assert sorted(p.name for p in (lpr4m_mini / "gallery").iterdir())[0] in err  # lists the known ids
+    odd = tmp_path / "odd"  # a name that is not UTF-8 cannot be recorded in meta.json
+    odd.mkdir()
+    shutil.copy(one, odd / os.fsdecode(b"\xffproduct-0.jpg"))
+    code, _, err = _run(main, ["--gallery", odd, "--out", tmp_path / "o6", "--weights", emb_weights], capsys)
+    assert code == 2 and "not valid UTF-8" in err and not (tmp_path / "o6").exists()
 
 
 @pytest.mark.gpu

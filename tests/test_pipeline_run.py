@@ -186,6 +186,12 @@ def test_onnx_backend_uses_an_index_built_with_torch(clip_and_gallery, emb_weigh
     assert [p["image_id"] for p in t["products"]] == [p["image_id"] for p in o["products"]]
     np.testing.assert_allclose([p["score"] for p in t["products"]], [p["score"] for p in o["products"]], atol=1e-3)
     assert o["settings"]["backend"] == "onnx"
+    # every product removed: nothing to rank against is an error, not an empty answer
+    ids = sorted({p.stem.rsplit("-", 1)[0] for p in Path(gallery).iterdir()})
+    assert run_main(index_main, ["--out", str(tmp_path / "idx"), "--remove", *ids]) == 0
+    capsys.readouterr()
+    code, _, err = _run(base + ["--weights", emb_weights], capsys)
+    assert code == 2 and "the index holds no shop images" in err
 
 
 def test_run_on_real_videos_odd_codecs(shared_data, emb_weights, clip_and_gallery, tmp_path, capsys):
