@@ -93,6 +93,38 @@ def test_resume_continues_where_it_stopped(lpr4m_mini, tmp_path, capsys):
     a = load_embedder(full["weights"]).embed([np.full((40, 40, 3), 128, np.uint8)])
     b = load_embedder(resumed["weights"]).embed([np.full((40, 40, 3), 128, np.uint8)])
     assert float((a * b).sum()) > 0.999  # same batches, same views: the same model
+    # a real process killed (SIGKILL) halfway through writing its third checkpoint: the resume starts from the
+    # second, removes the half-written temp file, and ends with the same model
+    proc = subprocess.run([sys.executable, "-c", KILL_IN_THIRD_SAVE, *common, "--runs-dir", str(tmp_path / "c")],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    (killed,) = list((tmp_path / "c").iterdir())
+    assert list(killed.glob(".train_state.pt.*"))  # what the kill left
+    again = _train(["--resume", str(killed)], tmp_path, capsys)
+    assert again["steps"] == full["steps"] and not list(killed.glob(".train_state.pt.*"))
+    c = load_embedder(again["weights"]).embed([np.full((40, 40, 3), 128, np.uint8)])
+    assert float((a * c).sum()) > 0.999
+
+
+KILL_IN_THIRD_SAVE = """
+import os, signal, sys, torch
+from retriever.training import main
+real_save = torch.save
+saves = []
+
+def save_then_die(obj, f, *a, **k):
+    if ".train_state.pt." in str(f):
+        saves.append(f)
+        if len(saves) == 3:
+            real_save(obj, f, *a, **k)
+            with open(f, "r+b") as fh:
+                fh.truncate(os.path.getsize(f) // 2)  # half of it reached the disk
+            os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(obj, f, *a, **k)
+
+torch.save = save_then_die
+main(sys.argv[1:])
+"""
 
 
 def _ddp_worker(rank, world, port, q):
