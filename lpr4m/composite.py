@@ -119,7 +119,12 @@ def find_product_files(folders) -> list[tuple[str, str, Path]]:
                 sorted(p for p in (folder / "gallery").glob("*/*") if GALLERY_NAME_RE.match(p.stem)
                        and p.stem.endswith("-0"))
         else:
-            files = sorted(p for p in folder.rglob("*") if p.is_file())
+            # a dataset inside the folder (an earlier composite, say) holds frames, not shop images
+            nested = sorted(p.parent for p in folder.rglob("annotations") if p.is_dir())
+            for root in nested:
+                logger.warning("products: skipping %s, a dataset inside %s (give it as its own --products ROOT)",
+                               root, folder)
+            files = sorted(p for p in folder.rglob("*") if p.is_file() and not any(r in p.parents for r in nested))
         for path in files:
             if path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith("."):
                 image_id, title = _image_id(path.stem)

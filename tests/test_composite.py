@@ -184,3 +184,17 @@ def test_background_frames_stay_bounded(lpr4m_mini):
     frames = load_backgrounds(videos, (64, 48), per_video=5, problems=Problems(), max_frames=2)
     assert len(frames) == 2 and frames[0].shape == (48, 64, 3) and frames[0].dtype == np.uint8
     assert len(load_backgrounds(videos[:2], (64, 48), per_video=3, problems=Problems(), max_frames=100)) == 6
+
+
+def test_a_dataset_inside_a_products_folder_is_not_read_as_products(tmp_path, caplog):
+    """An earlier composite moved into the shop-image folder once turned its frames into 16 extra 'products'."""
+    from lpr4m.composite import find_product_files
+    products = tmp_path / "shop"
+    products.mkdir()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(products / "red.jpg")
+    nested = products / "old-composite"
+    (nested / "annotations").mkdir(parents=True)
+    (nested / "query" / "v1").mkdir(parents=True)
+    Image.new("RGB", (64, 64), (9, 9, 9)).save(nested / "query" / "v1" / "0.jpg")
+    assert [title for _, title, _ in find_product_files([products])] == ["red"]
+    assert "skipping" in caplog.text and "old-composite" in caplog.text
