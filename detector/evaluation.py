@@ -166,5 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = evaluate(ds, det, limit=args.limit, batch=args.batch, problems=problems,
                       save_json=args.save_json)
     result.update(weights=str(args.weights), backend=det.name, imgsz=det.imgsz, conf=det.conf)
+    if result["metrics"].get("ap") is None:  # every box skipped: an AP of nothing is not a result
+        raise BadInput(ds.root, f"no test box left to score ({problems.total} problem(s), e.g. "
+                                f"{problems.messages[0] if problems.messages else 'no test boxes'})")
     emit_json(result, args.out)
     return 0

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from lpr4m.annotations import TrainingClip, write_id_map, write_training_videoinfo
-from lpr4m.cli import Parser, emit_json, fraction, nonnegative_int, output_file, progress, \
-    setup_logging
+from lpr4m.cli import (Parser, emit_json, fraction, nonnegative_int, output_file, output_folder, progress,
+                       setup_logging)
 from lpr4m.errors import BadInput, Problems
 from lpr4m.io import new_folder, write_json
 from lpr4m.layout import Dataset
@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python detector/pseudo_label.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="LPR4M root whose unboxed training clips are labelled")
     p.add_argument("--weights", required=True, help="teacher detector (.safetensors, .onnx, .engine)")
-    p.add_argument("--out", required=True, help="new (or empty) folder for the labelled root")
+    p.add_argument("--out", required=True, type=output_folder, help="new (or empty) folder for the labelled root")
     p.add_argument("--min-score", type=fraction, default=0.5, help="teacher score a box needs to become a label")
     p.add_argument("--val-fraction", type=fraction, default=0.1, help="labelled clips kept for validation")
     p.add_argument("--exclude-products", metavar="FILE",

@@ -709,19 +709,33 @@ def _remove_stale(path: Path, keep: str) -> None:
     """Our index files that ``meta.json`` no longer names and our temp files a killed writer left (the caller
     holds the lock, so no writer is using them); also the folders older versions swapped through."""
     for p in path.iterdir():
-        if p.name != keep and p.is_file() and (_STALE.match(p.name) or p.name == INDEX_FILE):
+        if p.name != keep and p.is_file() and _ours(p):
             p.unlink(missing_ok=True)
     for p in path.parent.glob(f".{path.name}.*"):
         if p.is_dir() and (p.name.endswith(".tmp") or p.name.startswith(f".{path.name}.old-")) and _swap_leftover(p):
             shutil.rmtree(p, ignore_errors=True)
 
 
+FAISS_MAGIC = (b"IxM2", b"IwPQ")  # the first bytes faiss writes for IndexIDMap2 (flat, HNSW) and IndexIVFPQ
+
+
+def _ours(file: Path) -> bool:
+    """Whether a file in or beside an index is one we wrote: a hidden temp file of ours, or an index file by name
+    and content (whole or cut short by a kill), not a user's file that happens to carry an index's name."""
+    if not (_STALE.match(file.name) or file.name == INDEX_FILE):
+        return False
+    if file.name.startswith("."):
+        return True
+    with open(file, "rb") as f:
+        head = f.read(4)
+    return not head or any(magic.startswith(head) for magic in FAISS_MAGIC)
+
+
 def _swap_leftover(folder: Path) -> bool:
     """Whether a folder beside an index is what an older version's swap left: one of our index folders, or holding
     nothing but our index files. A user's folder that happens to have such a name is kept."""
     files = list(folder.iterdir())
-    return is_index_folder(folder) or all(
-        f.is_file() and (f.name in (INDEX_FILE, LOCK_FILE) or _STALE.match(f.name)) for f in files)
+    return is_index_folder(folder) or all(f.is_file() and (f.name == LOCK_FILE or _ours(f)) for f in files)
 
 
 def rows_sha256(meta: dict) -> str:

@@ -506,6 +506,11 @@ def test_evaluate_skips_and_counts_corrupt_frames(trained, tmp_path):
     assert res["frames"] == 4 and res["problems"]["by_kind"] == {"corrupt_frame": 1, "missing_frame": 1}
     with pytest.raises(BadInput, match="corrupt"):
         evaluate(Dataset(root), load_detector(trained.weights), limit=6, problems=Problems(strict=True))
+    # every box in the wrong units (pixels, not 0..1): each skipped and counted, and no AP of nothing at exit 0
+    from detector import evaluation
+    boxes = root / "annotations" / "test_frameid2gtbox.json"
+    boxes.write_text(json.dumps({f: [[10, 10, 300, 300]] for f in frames}))
+    assert run_main(evaluation.main, ["--data", str(root), "--weights", str(trained.weights)]) == 2
 
 
 def test_ap_agrees_with_ultralytics_validation(trained):

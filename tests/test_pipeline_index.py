@@ -202,16 +202,18 @@ def test_index_folder_is_ours_or_refused_and_updates_touch_only_our_files(tmp_pa
     (out / "old_backup" / "x").write_text("mine too")
     # what a killed writer of this or an older version leaves: temp files inside, swap folders beside
     (out / ".meta.json.k1ll3d.tmp").write_text("{")
-    (out / "index-0123456789abcdef.faiss").write_bytes(b"orphan")
+    (out / "index-0123456789abcdef.faiss").write_bytes(b"IxM2 cut short")  # a killed writer's index file
+    (out / "index-fedcba9876543210.faiss").write_text("a user's notes that happen to carry an index name")
     (tmp_path / ".idx.abc123.tmp").mkdir()
     (tmp_path / ".idx.old-1-2").mkdir()
-    (tmp_path / ".idx.old-1-2" / "index.faiss").write_bytes(b"orphan")
+    (tmp_path / ".idx.old-1-2" / "index.faiss").write_bytes(b"IxM2")
     (tmp_path / ".idx.user.tmp").mkdir()  # a user's folder that only looks like ours
     (tmp_path / ".idx.user.tmp" / "draft.txt").write_text("mine")
     gi.remove(["img0"])
     gi.save(out)
     names = sorted(p.name for p in out.iterdir())
-    assert names == sorted([".lock", "NOTES.txt", "old_backup", "meta.json", gi.meta["index_file"]])
+    assert names == sorted([".lock", "NOTES.txt", "old_backup", "meta.json", gi.meta["index_file"],
+                            "index-fedcba9876543210.faiss"])
     assert (out / "old_backup" / "x").read_text() == "mine too"
     assert sorted(p.name for p in tmp_path.iterdir()) == [".idx.user.tmp", "idx", "project"]
     assert G.GalleryIndex.load(out).ntotal == 8
