@@ -446,6 +446,8 @@ def test_an_output_never_replaces_an_input_or_another_output(ds, tmp_path, capsy
         ("pipeline.index", ["--out", str(index), "--summary", str(index / "meta.json")], f"inside {index}"),
         ("lpr4m.composite", [str(root / "more"), "--products", str(root), "--backgrounds", str(clip)],
          "lies inside the input folder"),
+        ("detector.pseudo_labels", ["--data", str(root), "--weights", str(weights), "--out", str(root / "pl")],
+         "lies inside the input folder"),
     ]
     for module, argv, says in cases:
         with pytest.raises(SystemExit) as e:
