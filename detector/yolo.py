@@ -456,9 +456,3 @@ def ultralytics_val(model, data_yaml: Path, imgsz: int, batch: int = 8, device: 
     with contextlib.redirect_stdout(sys.stderr):
         metrics = validator(model=model)
     return {"ap": float(metrics["metrics/mAP50-95(B)"]), "ap50": float(metrics["metrics/mAP50(B)"])}
-
-
-def trainer_model(trainer):
-    """The model a trainer callback should treat as current (EMA when present)."""
-    ema = getattr(trainer, "ema", None)
-    return ema.ema if ema is not None and getattr(ema, "ema", None) is not None else trainer.model

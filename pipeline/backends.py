@@ -118,10 +118,7 @@ def load_embedder(weights=None, backend: str = "torch", device: str = "cpu"):
 def load_detector(weights=None, backend: str = "torch", device: str = "cpu", conf: float = 0.25,
                   imgsz: int | None = None):
     """The detector package's ``load_detector`` for explicit weights or the bundled default."""
-    try:
-        from detector import load_detector as _load
-    except ImportError:
-        from detector.infer import load_detector as _load
+    from detector import load_detector as _load
     path = Path(weights) if weights else default_weights("detector", backend)
     if not path.is_file():
         raise BadInput(path, "detector weights not found")

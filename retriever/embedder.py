@@ -31,7 +31,6 @@ def save_checkpoint(model, config: EmbedderConfig, path) -> EmbedderConfig:
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata={"backbone": config.backbone, "embed_dim": str(config.embed_dim)})
-    path.chmod(0o644)  # the temp file behind the atomic write is private (0600); weights are meant to be shared
     config.sha256 = sha256_file(path)
     config.format = "safetensors"
     config.save(config_path_for(path))

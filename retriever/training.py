@@ -685,13 +685,9 @@ def _main(argv: Sequence[str] | None, locks: contextlib.ExitStack) -> int:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-    if is_primary_rank(rank):
+    if rank == 0:
         emit_json(result, args.out)
     return 0
-
-
-def is_primary_rank(rank: int) -> bool:
-    return rank == 0
 
 
 def write_results_csv(path, rows: list[dict]) -> None:
