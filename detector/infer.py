@@ -250,6 +250,8 @@ def load_torch_model(weights, trust_pickle: bool = False):
         except (SafetensorError, OSError, ValueError) as e:
             raise BadInput(weights, f"not a safetensors file ({type(e).__name__})") from None
         model = yolo.build_model(cfg.model_yaml, cfg.nc, cfg.names, source=cfg_path)
+        if cfg.model:  # the description's name, which weights trained on from these keep in their config
+            model.yaml.setdefault("yaml_file", yolo.resolve_model_yaml(cfg.model))
         yolo.load_state(model, state, weights)
         return model, cfg
     if weights.suffix == ".pt":
@@ -276,7 +278,7 @@ def save_torch_model(model, out, *, imgsz: int, made_by: str = "", source: str =
     with atomic_path(out) as tmp:
         save_file(yolo.state_dict_for_saving(model), str(tmp), metadata={"format": "pt", "kind": "lpr-detector"})
     names = model.names if isinstance(model.names, dict) else dict(enumerate(model.names))
-    yaml_file = Path(str(model.yaml.get("yaml_file", "")))
+    yaml_file = Path(str(model.yaml.get("yaml_file") or "unnamed.yaml"))
     model_name = yaml_file.name if yaml_file.parent == yolo.PROJECT_MODELS else str(yaml_file)  # ours: no local path
     cfg = DetectorConfig(model=model_name, model_yaml=yolo.model_yaml(model.yaml, len(names)), nc=len(names),
                          names=[names[i] for i in sorted(names)], imgsz=int(imgsz),

@@ -392,9 +392,12 @@ def test_start_weights_from_safetensors_load_safely(trained, tmp_path):
     from detector.training import _start_weights
     start = Path(_start_weights(str(trained.weights), tmp_path, trust_pickle=False)[0])
     model = yolo.load_ultralytics_checkpoint(start)  # the restricted weights_only loader accepts it
-    ref, _ = load_torch_model(trained.weights)
+    ref, cfg = load_torch_model(trained.weights)
     for (k, a), b in zip(ref.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a.float(), b.float()), k
+    # what the description is called travels on to weights trained from these (it once became ".")
+    from detector.infer import save_torch_model
+    assert save_torch_model(model, tmp_path / "next.safetensors", imgsz=IMGSZ).model == cfg.model == "yolo11n.yaml"
 
 
 def test_pretrained_backbone_inference_form_matches_training_form():
