@@ -44,8 +44,8 @@ from PIL import Image
 
 from lpr4m import render as R
 from lpr4m.annotations import TrainingClip, write_id_map, write_id_text, write_training_videoinfo
-from lpr4m.cli import (Parser, emit_json, nonnegative_int, output_file, output_folder, positive_float, progress,
-                       setup_logging)
+from lpr4m.cli import (Parser, emit_json, nonnegative_int, output_file, output_folder, positive_float, positive_int,
+                       progress, setup_logging)
 from lpr4m.errors import BadInput, Problems
 from lpr4m.ids import IMAGE_SUFFIXES
 from lpr4m.io import new_folder, write_json
@@ -578,18 +578,18 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--preset", default="test", choices=sorted(PRESETS))
     ap.add_argument("--scale", type=positive_float, help="multiply the numbers of training and test lives")
     g = ap.add_argument_group("overrides (default: from the preset)")
-    g.add_argument("--lives", type=int, dest="test_lives", help="test lives")
-    g.add_argument("--train-lives", type=int)
-    g.add_argument("--products", type=int, dest="products_per_live", help="products per training live")
-    g.add_argument("--test-products", type=int, dest="test_products_per_live", help="products per test live")
+    g.add_argument("--lives", type=positive_int, dest="test_lives", help="test lives")
+    g.add_argument("--train-lives", type=positive_int)
+    g.add_argument("--products", type=positive_int, dest="products_per_live", help="products per training live")
+    g.add_argument("--test-products", type=positive_int, dest="test_products_per_live", help="products per test live")
     g.add_argument("--clips-per-product", type=_range, help="training clips per product: N or LO-HI")
-    g.add_argument("--test-clips-per-product", type=int)
-    g.add_argument("--train-clip-s", type=int, help="training clip length in seconds (= frames, 1 frame/s)")
+    g.add_argument("--test-clips-per-product", type=positive_int)
+    g.add_argument("--train-clip-s", type=positive_int, help="training clip length in seconds (= frames, 1 frame/s)")
     g.add_argument("--test-clip-s", type=_range, help="test clip length in seconds: N or LO-HI")
-    g.add_argument("--fps", type=int, dest="video_fps", help="frame rate of clips/*.mp4")
+    g.add_argument("--fps", type=positive_int, dest="video_fps", help="frame rate of clips/*.mp4")
     g.add_argument("--frame-size", type=frame_size_arg, help="WIDTHxHEIGHT of frames, e.g. 640x360")
     g.add_argument("--image-size", type=int, help="side of the square shop images")
-    g.add_argument("--gallery-views", type=int, help="max shop images per test product (view 0 always)")
+    g.add_argument("--gallery-views", type=positive_int, help="max shop images per test product (view 0 always)")
     g.add_argument("--backgrounds", dest="background_dir", help="folder of images/videos used as real rooms")
     ap.add_argument("--out-json", type=output_file, dest="out_json",
                     help="write the JSON summary here instead of stdout")

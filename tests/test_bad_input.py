@@ -216,7 +216,8 @@ def test_cli_missing_root_and_non_dataset(tmp_path, capsys):
     ("detector.evaluation", ["--data", "x", "--conf", "2"]), ("detector.evaluation", ["--data", "x", "--limit", "0"]),
     ("detector.evaluation", ["--data", "x", "--batch", "-1"]), ("detector.exporting", ["--opset", "3"]),
     ("detector.benchmark", ["--threads", "0"]), ("lpr4m.synth", ["out", "--frame-size", "100000x100000"]),
-    ("lpr4m.synth", ["out", "--seed", "-1"]), ("lpr4m.download", ["urls.txt", "out", "--timeout", "inf"]),
+    ("lpr4m.synth", ["out", "--seed", "-1"]), ("lpr4m.synth", ["out", "--lives", "0"]),
+    ("lpr4m.synth", ["out", "--fps", "0"]), ("lpr4m.download", ["urls.txt", "out", "--timeout", "inf"]),
 ])
 def test_out_of_range_flags_are_refused_by_argparse(module, argv, capsys):
     import importlib
