@@ -216,15 +216,64 @@ class OnnxBackend:
 
 
 # -- loading --------------------------------------------------------------------------------------------------
+def onnx_metadata(path) -> dict[str, str]:
+    """An ONNX file's ``metadata_props``, read from the protobuf wire format with the graph skipped, not parsed:
+    reading the config this way costs a few reads instead of ``import onnx`` and loading the whole model."""
+    import io
+    import os
+
+    def varint(f) -> int:
+        value = shift = 0
+        while shift < 64:
+            byte = f.read(1)
+            if not byte:
+                raise EOFError
+            value |= (byte[0] & 0x7F) << shift
+            if byte[0] < 0x80:
+                return value
+            shift += 7
+        raise ValueError("varint longer than 64 bits")
+
+    def fields(f, end: int, keep: set[int]):
+        """(field number, the bytes of a length-delimited field in ``keep``, else None), skipping the rest."""
+        while f.tell() < end:
+            key = varint(f)
+            number, wire = key >> 3, key & 7
+            if number == 0:
+                raise ValueError("field number 0")
+            if wire == 0:
+                varint(f)
+                yield number, None
+            elif wire in (1, 5):
+                f.seek(8 if wire == 1 else 4, 1)
+                yield number, None
+            elif wire == 2:
+                n = varint(f)
+                if f.tell() + n > end:
+                    raise EOFError
+                yield number, f.read(n) if number in keep else f.seek(n, 1) and None
+            else:
+                raise ValueError(f"wire type {wire}")
+
+    meta, seen = {}, set()
+    try:
+        with open(path, "rb") as f:
+            for number, data in fields(f, os.fstat(f.fileno()).st_size, {14}):
+                seen.add(number)
+                if number == 14:  # ModelProto.metadata_props: StringStringEntryProto {key = 1; value = 2}
+                    entry = dict(fields(io.BytesIO(data), len(data), {1, 2}))
+                    meta[entry.get(1, b"").decode()] = entry.get(2, b"").decode()
+    except (EOFError, ValueError, UnicodeDecodeError) as e:
+        raise BadInput(path, f"not an ONNX model ({type(e).__name__})") from None
+    if not {1, 7} <= seen:  # ir_version and graph: every ONNX model has both
+        raise BadInput(path, "not an ONNX model (no ir_version and graph)")
+    return meta
+
+
 def read_onnx_config(path: Path) -> DetectorConfig:
     """The DetectorConfig stored in the ONNX model's metadata (export writes it), else the JSON beside it."""
     import json
-    import onnx
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # noqa: BLE001
-        raise BadInput(path, f"not an ONNX model ({type(e).__name__})") from None
-    meta = {p.key: p.value for p in proto.metadata_props}
+    meta = onnx_metadata(path)
     if "lpr_detector_config" in meta:
         return DetectorConfig.from_dict(json.loads(meta["lpr_detector_config"]), path)
     if sidecar(path).is_file():

@@ -829,3 +829,21 @@ def test_first_ultralytics_import_keeps_stdout_for_json(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout == ""
     assert (tmp_path / "fresh-cache" / "ultralytics-config" / "Ultralytics" / "settings.json").is_file()
+
+
+def test_onnx_metadata_is_read_without_the_onnx_package_as_onnx_reads_it(tmp_path):
+    """The config inside an ONNX file, read from its wire format, against ``onnx.load`` (the independent reader)."""
+    import onnx
+    from detector.infer import onnx_metadata
+    for path in (BUNDLED.with_suffix(".onnx"), REPO / "weights" / "retriever.onnx"):
+        assert onnx_metadata(path) == {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    model = onnx.helper.make_model(onnx.helper.make_graph([], "g", [], []))
+    onnx.helper.set_model_props(model, {"a": "1", "ü": "ß"})
+    onnx.save(model, str(tmp_path / "small.onnx"))
+    assert onnx_metadata(tmp_path / "small.onnx") == {"a": "1", "ü": "ß"}
+    (tmp_path / "text.onnx").write_text("hello, not a model")
+    cut = tmp_path / "cut.onnx"
+    cut.write_bytes(BUNDLED.with_suffix(".onnx").read_bytes()[:100_000])
+    for bad in ("text.onnx", "cut.onnx"):
+        with pytest.raises(BadInput, match="not an ONNX model"):
+            onnx_metadata(tmp_path / bad)
