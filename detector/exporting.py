@@ -7,8 +7,6 @@ import argparse
 import itertools
 import json
 import logging
-import shlex
-import sys
 import time
 from pathlib import Path
 from typing import Sequence
@@ -16,8 +14,8 @@ from typing import Sequence
 import numpy as np
 
 from detector.config import BUNDLED_WEIGHTS, DetectorConfig, sidecar
-from lpr4m.cli import (Parser, device_arg, emit_json, image_size, output_file, positive_float, positive_int,
-                       setup_logging)
+from lpr4m.cli import (Parser, command_line, device_arg, emit_json, image_size, output_file, positive_float,
+                       positive_int, setup_logging)
 from lpr4m import tensorrt_engine
 from lpr4m.errors import BadInput
 from lpr4m.io import atomic_path
@@ -301,8 +299,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise BadInput(args.out, "--out is the JSON result; the exported model goes to --output")
     precision = args.precision or ("fp32" if args.format == "onnx" else "fp16")
     if args.format == "safetensors":
-        made_by = "python detector/export.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-        result = convert_checkpoint(weights, args.output, args.imgsz, trust_pickle=args.trust_pickle, made_by=made_by)
+        result = convert_checkpoint(weights, args.output, args.imgsz, trust_pickle=args.trust_pickle,
+                                    made_by=command_line("detector/export.py", argv))
     elif args.format == "onnx":
         result = export_onnx(weights, args.output, args.imgsz, args.opset, trust_pickle=args.trust_pickle,
                              precision=precision, calib_data=args.calib_data, check=not args.no_check)

@@ -15,14 +15,12 @@ import argparse
 import logging
 import os
 import random
-import shlex
-import sys
 from pathlib import Path
 
 import numpy as np
 
 from lpr4m.annotations import TrainingClip, write_id_map, write_training_videoinfo
-from lpr4m.cli import (Parser, emit_json, fraction, nonnegative_int, output_file, output_folder, progress,
+from lpr4m.cli import (Parser, command_line, emit_json, fraction, nonnegative_int, output_file, output_folder, progress,
                        setup_logging)
 from lpr4m.errors import BadInput, Problems
 from lpr4m.io import new_folder, write_json
@@ -129,10 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    argv = list(sys.argv[1:] if argv is None else argv)
     summary = pseudo_label(args.data, args.weights, args.out, args.min_score, args.val_fraction, args.seed,
                            args.device, args.strict,
                            read_id_list(args.exclude_products) if args.exclude_products else frozenset(),
-                           "python detector/pseudo_label.py " + shlex.join(argv))
+                           command_line("detector/pseudo_label.py", argv))
     emit_json(summary, args.out_json)
     return 0

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import shlex
 import shutil
 import sys
 import time
@@ -18,8 +17,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable, Sequence
 
-from lpr4m.cli import (Parser, device_arg, emit_json, image_size, nonnegative_float, nonnegative_int, output_file,
-                       positive_float, positive_int, run_name, setup_logging, torch_device)
+from lpr4m.cli import (Parser, command_line, device_arg, emit_json, image_size, nonnegative_float, nonnegative_int,
+                       output_file, positive_float, positive_int, run_name, setup_logging, torch_device)
 from lpr4m.errors import BadInput, Problems
 from lpr4m.io import read_json, write_json
 from lpr4m.layout import Dataset
@@ -297,7 +296,7 @@ def _claim(run_dir: Path, locks: contextlib.ExitStack, resuming: bool) -> None:
 def _train(args: argparse.Namespace, callbacks: dict | None, locks: contextlib.ExitStack) -> dict:
     from detector import yolo
     from detector.dataset import build_yolo_dataset, merged_yaml
-    made_by = "python detector/train.py " + " ".join(shlex.quote(a) for a in (args.argv or []))
+    made_by = command_line("detector/train.py", args.argv or [])
     knobs = resolve_knobs(args)
     # a GPU this machine lacks: one line now, not ultralytics' error after the build; "auto" as ultralytics names it
     knobs["device"] = torch_device(knobs["device"], several=True).replace("cuda:", "").replace("cuda", "0")

@@ -283,6 +283,13 @@ def check_outputs_apart(parser: argparse.ArgumentParser, args: argparse.Namespac
                 raise BadInput(out, f"{name} lies inside {folder}, which {folder_name} writes as a whole")
 
 
+def command_line(script: str, argv: Sequence[str] | None = None) -> str:
+    """The command as a user would type it again (``made_by`` of weights and datasets); ``argv`` defaults to this
+    process's arguments."""
+    import shlex
+    return shlex.join(["python", script, *(sys.argv[1:] if argv is None else argv)])
+
+
 def emit_json(result: Any, out: str | None = None) -> None:
     """The JSON result of a command: to ``--out FILE`` (atomically) or to stdout."""
     if out:

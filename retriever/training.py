@@ -17,7 +17,6 @@ import csv
 import logging
 import math
 import os
-import shlex
 import sys
 import time
 from datetime import datetime
@@ -29,8 +28,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lpr4m.cli import (Parser, device_arg, emit_json, fraction, nonnegative_float, nonnegative_int, output_file,
-                       positive_float, positive_int, progress, run_name, setup_logging, torch_device)
+from lpr4m.cli import (Parser, command_line, device_arg, emit_json, fraction, nonnegative_float, nonnegative_int,
+                       output_file, positive_float, positive_int, progress, run_name, setup_logging, torch_device)
 from lpr4m.errors import BadInput, Problems
 from lpr4m.images import check_image
 from lpr4m.io import atomic_path, atomic_write, exclusive, remove_stale_temps, write_json
@@ -415,7 +414,7 @@ def _main(argv: Sequence[str] | None, locks: contextlib.ExitStack) -> int:
         cfg = resolve_args(args)
         cfg["data"] = [str(d) for d in args.data]
         cfg["val_data"] = args.val_data
-        cfg["command"] = shlex.join(["python", "retriever/train.py"] + argv_list)
+        cfg["command"] = command_line("retriever/train.py", argv_list)
         run_dir = None
     rank, world, device = init_distributed(args.device)
     if rank != 0:  # only the primary rank logs (warnings still come through)
