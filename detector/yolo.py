@@ -137,8 +137,18 @@ def detection_trainer():
         from ultralytics.models.yolo.detect import DetectionTrainer
         _TRAINER = type("DetectionTrainer", (DetectionTrainer,), {"__module__": __name__,
                                                                   "__qualname__": "DetectionTrainer",
-                                                                  "save_model": _save_model_atomically})
+                                                                  "save_model": _save_model_atomically,
+                                                                  "_setup_train": _setup_train_on_all_cores})
     return _TRAINER
+
+
+def _setup_train_on_all_cores(trainer) -> None:
+    """ultralytics sets torch's CPU threads to its data-loading pool size, cores - 1 (one thread on a 2-core
+    machine, where CPU training loads data in the training process anyway): train on every core we may use."""
+    detection_trainer().__bases__[0]._setup_train(trainer)
+    if trainer.device.type == "cpu":
+        import torch
+        torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
 
 
 def _save_model_atomically(trainer) -> None:

@@ -1,13 +1,20 @@
 """``python pipeline/bench.py``: end-to-end speed, memory and agreement of the pipeline, printed as tables.
 
-1. Speed (faiss benchs style: warm-up, median of ``--runs``, a baseline measured in the same run): a 60 s 1280x720
-   H.264 clip (generated once from the bundled demo clips, keyframe every 2 s as livestream encoders write) at
-   1 frame/s on ``--cores`` CPU cores with the ``--backend`` runtime. Each measurement runs in a fresh subprocess
-   pinned to the cores, which reports its wall time and peak RSS (VmHWM of /proc/self/status). Rows: decode only
-   (the baseline), the full pipeline, the pipeline without the detector. Targets: >= 20x real time, within 2x
-   of decode-only, peak memory < 2 GB.
-2. Flat memory (``--long-minutes N``): peak RSS on an N-minute clip next to the 60 s clip.
-3. Agreement (``--grocery ROOT``, default ../shared/data/grocery-lpr when present): the pipeline on the split's
+1. Speed (faiss benchs style: warm-up, median of ``--runs``, a baseline measured in the same run): whole
+   processes on a 60 s 1280x720 H.264 clip of real camera footage (``../shared/data/videos/vtest.avi`` looped and
+   upscaled, a keyframe every 2 s as livestream encoders write; the bundled demo clips when that is absent) at
+   1 frame/s on ``--cores`` CPU cores. A small launcher times each process from spawn to exit and reads its peak
+   RSS. Rows: the plain PyAV seek loop (the baseline), our sampler, ``pipeline/run.py`` with and without the
+   detector, and its start-up (``--max-frames 1``). Targets: run.py <= 2x the seek loop, without the detector
+   <= 1.3x, start-up <= 1 s, peak memory < 1 GB.
+2. Frame sampling (``--sampling``): the same three decoders on each video of ``../shared/data/videos`` and on
+   its 720p transcodes with a keyframe every 2 s and every 10 s. ``--long-minutes N``: peak RSS on an N-minute
+   clip next to a 1-minute one (flat memory).
+3. Catalogue scale (``--catalogue N [N ...]``, alone): flat, IVF-SQ8, IVF-PQ and HNSW indexes over N clustered
+   256-d embeddings: build time, index size, ms/query at batch 1 and 1000, recall@10 against exact search
+   (``pipeline/catalogue.py``). Targets at N = 1,000,000: <= 2 ms/query at recall@10 >= 0.95, build <= 10 min,
+   index <= 1 GB.
+4. Agreement (``--grocery ROOT``, default ../shared/data/grocery-lpr when present): the pipeline on the split's
    ``clips/*.mp4`` (decoded at 1 fps, full frames) against ``retriever/evaluate.py``'s protocol on the query
    frames, same weights: per-query top-1 agreement and rank-1 of both (target |dR1| <= 0.05).
 """
@@ -38,12 +45,14 @@ logger = logging.getLogger("pipeline.bench")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_GROCERY = REPO.parent / "shared" / "data" / "grocery-lpr"
+SHARED_VIDEOS = REPO.parent / "shared" / "data" / "videos"
 
 
 # -- the bench clip ------------------------------------------------------------------------------------------
 def make_bench_clip(out: Path, sources: Sequence[Path], seconds: float = 60.0, size=(1280, 720), fps: int = 25,
                     gop_s: float = 2.0, max_source_frames: int = 400) -> Path:
-    """Loop the frames of ``sources`` (resized to ``size``) into an H.264 clip of ``seconds`` (atomic write)."""
+    """Loop the frames of ``sources`` (sampled at 5 fps, resized to ``size``, slowly panned) into an H.264 clip of
+    ``seconds`` with a keyframe every ``gop_s`` (atomic write)."""
     import av
     from PIL import Image
     from lpr4m.frames import sample_frames
@@ -84,89 +93,127 @@ def bench_clip(cache: Path, seconds: float, sources: Sequence[Path], size=(1280,
     return path
 
 
-# -- one measurement in a child process ----------------------------------------------------------------------
-def _peak_rss_mb() -> float | None:
-    """This process's peak resident memory (VmHWM). Not ``ru_maxrss``: Linux carries that across fork + exec,
-    so a child would report the (bigger) parent's peak."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        return None
-    return None
+DECODERS = ("decode", "seekloop", "sequential")  # our sampler, the plain seek loop, every frame in order
+
+
+# -- decoding baselines and measured processes -----------------------------------------------------------
+def plain_seek_loop(path, fps: float) -> int:
+    """The simplest PyAV sampler (the decode baseline): seek to each target time, decode to it, convert one
+    frame. Returns the frames converted."""
+    import av
+    with av.open(str(path)) as c:
+        s = c.streams.video[0]
+        s.thread_type = "AUTO"
+        tb = s.time_base
+        duration = float(s.duration * tb) if s.duration else c.duration / 1_000_000
+        start = float(s.start_time * tb) if s.start_time is not None else 0.0
+        n = 0
+        for i in range(int(duration * fps)):
+            t = start + i / fps
+            c.seek(int(t / tb), stream=s, backward=True)
+            for f in c.decode(s):
+                if f.time is not None and f.time >= t - 1e-3:
+                    f.to_ndarray(format="rgb24")
+                    n += 1
+                    break
+    return n
+
+
+def sequential_decode(path, fps: float) -> int:
+    """Every frame decoded in order, one per 1/fps converted: the other bound a sampler chooses between."""
+    import av
+    with av.open(str(path)) as c:
+        s = c.streams.video[0]
+        s.thread_type = "AUTO"
+        n, nxt = 0, None
+        for f in c.decode(s):
+            if f.time is None:
+                continue
+            nxt = f.time if nxt is None else nxt
+            if f.time >= nxt - 1e-3:
+                f.to_ndarray(format="rgb24")
+                n += 1
+                nxt += 1 / fps
+    return n
 
 
 def _child(args) -> int:
-    """Runs inside the pinned subprocess: one measurement, JSON on stdout."""
-    import resource
+    """Runs inside a measured process: one way of sampling the clip, the frame count on stdout."""
     from lpr4m.frames import sample_frames
-    t_load = time.perf_counter()
     if args.child == "decode":
-        t0 = time.perf_counter()
         n = sum(1 for _ in sample_frames(args.clip, mode="fps", fps=args.fps))
-        wall = time.perf_counter() - t0
-        stages = {}
-        load = 0.0
     else:
-        from pipeline import backends
-        from pipeline.gallery import GalleryIndex
-        from pipeline.recognize import recognize_video
-        emb = backends.load_embedder(args.weights, args.backend, "cpu")
-        det = None if args.child == "nodet" else backends.load_detector(args.detector_weights, args.backend, "cpu")
-        gallery = GalleryIndex.load(args.index, emb)
-        # warm-up on the first frames (session initialisation, lazy imports such as the detector's NMS kernel):
-        # one-time costs, reported as load time, not per-frame time
-        recognize_video(args.clip, emb, gallery, det, fps=args.fps, k=5, max_frames=8)
-        load = time.perf_counter() - t_load
-        t0 = time.perf_counter()
-        result, _ = recognize_video(args.clip, emb, gallery, det, fps=args.fps, k=5)
-        wall = time.perf_counter() - t0
-        n = result["n_frames"]
-        stages = result["timings_ms_per_frame"]
-    peak_mb = _peak_rss_mb() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    json.dump({"wall_s": wall, "frames": n, "peak_rss_mb": peak_mb, "load_s": load, "stages": stages}, sys.stdout)
+        n = (plain_seek_loop if args.child == "seekloop" else sequential_decode)(args.clip, args.fps)
+    print(json.dumps({"frames": n}))
     return 0
 
 
-def _measure(kind: str, clip: Path, args, index: Path | None) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--clip", str(clip),
-           "--fps", str(args.fps), "--backend", args.backend]
-    if index is not None:
-        cmd += ["--index", str(index)]
-    if args.weights:
-        cmd += ["--weights", args.weights]
-    if args.detector_weights:
-        cmd += ["--detector-weights", args.detector_weights]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.cores), MKL_NUM_THREADS=str(args.cores),
-               OPENBLAS_NUM_THREADS=str(args.cores))
-    cores = sorted(os.sched_getaffinity(0))[: args.cores]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
-                          preexec_fn=lambda: os.sched_setaffinity(0, cores))
+# The measured command is started by a small launcher process, which times it (spawn to exit) and reads its peak
+# RSS from wait4: Linux carries the parent's peak into an exec'd child's ru_maxrss, so the child must not be
+# spawned by this (bigger) process directly.
+_LAUNCHER = """import json, os, sys, time
+out = os.open(os.devnull, os.O_WRONLY)
+t0 = time.perf_counter()
+pid = os.posix_spawn(sys.argv[1], sys.argv[1:], os.environ, file_actions=[(os.POSIX_SPAWN_DUP2, out, 1)])
+_, status, usage = os.wait4(pid, 0)
+print(json.dumps({"wall_s": time.perf_counter() - t0, "rc": os.waitstatus_to_exitcode(status),
+                  "peak_rss_mb": usage.ru_maxrss / 1024.0}))
+"""
+
+
+def measure_process(cmd: Sequence[str], cores: int) -> dict:
+    """Whole-process wall time (s) and peak RSS (MB) of ``cmd``, pinned to the first ``cores`` CPU cores."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(cores), MKL_NUM_THREADS=str(cores), OPENBLAS_NUM_THREADS=str(cores))
+    pinned = sorted(os.sched_getaffinity(0))[:cores]
+    proc = subprocess.run([sys.executable, "-c", _LAUNCHER, *map(str, cmd)], env=env, capture_output=True,
+                          text=True, preexec_fn=lambda: os.sched_setaffinity(0, pinned))
     if proc.returncode != 0:
-        raise BadInput(clip, f"bench child '{kind}' failed: {proc.stderr.strip().splitlines()[-1:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        raise BadInput(None, f"bench launcher failed: {proc.stderr.strip().splitlines()[-1:]}")
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    if r["rc"] != 0:
+        raise BadInput(cmd[-1], f"benchmarked command failed (exit {r['rc']}): {' '.join(map(str, cmd))}")
+    return r
 
 
-def _median_runs(kind: str, clip: Path, args, index: Path | None) -> dict:
-    _measure(kind, clip, args, index)  # warm-up (page cache, model files)
-    runs = [_measure(kind, clip, args, index) for _ in range(args.runs)]
-    med = statistics.median(r["wall_s"] for r in runs)
-    return {"kind": kind, "runs": runs, "wall_s": med, "frames": runs[0]["frames"],
-            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs), "load_s": statistics.median(r["load_s"] for r in runs),
-            "stages": min(runs, key=lambda r: abs(r["wall_s"] - med))["stages"]}
+def median_process(cmd: Sequence[str], cores: int, runs: int) -> dict:
+    measure_process(cmd, cores)  # warm-up: page cache, model files, the ONNX Runtime graph cache
+    rs = [measure_process(cmd, cores) for _ in range(runs)]
+    return {"wall_s": statistics.median(r["wall_s"] for r in rs), "peak_rss_mb": max(r["peak_rss_mb"] for r in rs),
+            "walls": [r["wall_s"] for r in rs]}
+
+
+def _decoder_cmd(kind: str, clip: Path, fps: float) -> list:
+    return [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--clip", str(clip), "--fps", str(fps)]
 
 
 def speed_table(rows: list[dict], seconds: float, base: float) -> str:
-    head = (f"{'setting':<22}{'wall s':>8}{'x realtime':>12}{'ms/frame':>10}{'vs decode':>11}{'peak MB':>9}"
-            f"{'load s':>8}  stages (ms/frame; decode runs in its own thread)")
-    out = [head]
+    out = [f"{'whole process':<34}{'wall s':>8}{'x realtime':>12}{'vs seek loop':>14}{'peak MB':>9}"]
     for r in rows:
-        st = ", ".join(f"{k} {v:.1f}" for k, v in r["stages"].items())
-        out.append(f"{r['label']:<22}{r['wall_s']:8.2f}{seconds / r['wall_s']:12.1f}"
-                   f"{1000 * r['wall_s'] / max(1, r['frames']):10.1f}{r['wall_s'] / base:10.2f}x"
-                   f"{r['peak_rss_mb']:9.0f}{r['load_s']:8.2f}  {st}")
+        out.append(f"{r['label']:<34}{r['wall_s']:8.2f}{seconds / r['wall_s']:12.1f}{r['wall_s'] / base:13.2f}x"
+                   f"{r['peak_rss_mb']:9.0f}")
     return "\n".join(out)
+
+
+def sampling_table(rows: list[dict]) -> str:
+    out = [f"{'clip':<40}{'frames':>7}{'seek loop s':>12}{'in order s':>11}{'sampler s':>10}{'vs seek loop':>14}"
+           f"{'vs in order':>12}"]
+    for r in rows:
+        out.append(f"{r['clip']:<40}{r['frames']:7d}{r['seekloop']:12.3f}{r['sequential']:11.3f}{r['decode']:10.3f}"
+                   f"{r['decode'] / r['seekloop']:13.2f}x{r['decode'] / r['sequential']:11.2f}x")
+    return "\n".join(out)
+
+
+def real_footage(cache: Path, seconds: float = 60.0, gop_s: float = 2.0, source: Path | None = None) -> Path | None:
+    """A ``seconds`` 1280x720 H.264 clip made from real camera footage (``../shared/data/videos/vtest.avi`` by
+    default), a keyframe every ``gop_s``; None when the footage is absent."""
+    source = source or SHARED_VIDEOS / "vtest.avi"
+    if not source.is_file():
+        return None
+    path = cache / f"real-{source.stem}-{int(seconds)}s-1280x720-gop{gop_s:g}.mp4"
+    if not path.is_file():
+        logger.info("writing the %g s 720p bench clip %s from %s", seconds, path, source)
+        make_bench_clip(path, [source], seconds, gop_s=gop_s)
+    return path
 
 
 # -- agreement with the retriever's evaluation ------------------------------------------------------------------
@@ -211,11 +258,105 @@ def grocery_root(arg: str | None) -> Path | None:
     return Path(arg)
 
 
+def _speed(args, cache: Path) -> dict:
+    """Whole processes on one clip: the plain seek loop (baseline), our sampler, ``pipeline/run.py`` with and
+    without the detector, and its start-up (``--max-frames 1``: process start to the first frame embedded)."""
+    from lpr4m.frames import probe_video
+    from pipeline import backends
+    from pipeline.gallery import cached_index
+    demo_clips = sorted((backends.DEMO_DIR / "clips").glob("*.mp4"))
+    clip = Path(args.clip) if args.clip else (real_footage(cache, args.seconds)
+                                              or bench_clip(cache, args.seconds, demo_clips))
+    info = probe_video(clip)
+    seconds = info.duration_s or args.seconds
+    emb = backends.load_embedder(args.weights, args.backend, "cpu")
+    index = cached_index(Path(args.gallery) if args.gallery else backends.DEMO_DIR / "gallery", emb).path
+    run = [sys.executable, str(REPO / "pipeline" / "run.py"), "--clip", str(clip), "--index", str(index),
+           "--backend", args.backend, "--fps", str(args.fps), "--json", str(cache / "bench-run.json")]
+    for flag, value in (("--weights", args.weights), ("--detector-weights", args.detector_weights)):
+        if value:
+            run += [flag, value]
+    rows = []
+    for label, cmd in (("plain PyAV seek loop (baseline)", _decoder_cmd("seekloop", clip, args.fps)),
+                       ("our frame sampler", _decoder_cmd("decode", clip, args.fps)),
+                       (f"run.py {args.backend}", run),
+                       (f"run.py {args.backend} --no-detector", run + ["--no-detector"]),
+                       ("run.py start-up (--max-frames 1)", run + ["--max-frames", "1"])):
+        rows.append({"label": label, **median_process(cmd, args.cores, args.runs)})
+    base, full, nodet, start = rows[0]["wall_s"], rows[2], rows[3], rows[4]
+    table = speed_table(rows, seconds, base)
+    verdict = {"vs_seek_loop": full["wall_s"] / base, "target_2x": full["wall_s"] <= 2 * base,
+               "no_detector_vs_seek_loop": nodet["wall_s"] / base, "target_1.3x": nodet["wall_s"] <= 1.3 * base,
+               "startup_s": start["wall_s"], "target_startup_1s": start["wall_s"] <= 1.0,
+               "peak_rss_mb": full["peak_rss_mb"], "target_1gb": full["peak_rss_mb"] < 1024}
+    print(f"\n{clip.name}: {seconds:.0f} s, {info.width}x{info.height} {info.codec}, {args.fps:g} frame/s, "
+          f"{args.cores} cores, median of {args.runs}\n{table}\n{json.dumps(verdict)}", flush=True)
+    out = {"clip": str(clip), "seconds": seconds, "rows": rows, "verdict": verdict, "table": table}
+    if args.long_minutes > 0:
+        # long clip at 640x360, 5 fps: an hour encodes in about a minute; memory is what is measured here
+        long_clip = bench_clip(cache, 60 * args.long_minutes, demo_clips, size=(640, 360), fps=5)
+        short_clip = bench_clip(cache, 60, demo_clips, size=(640, 360), fps=5)
+        r1, r = (measure_process([*run[:3], str(c), *run[4:]], args.cores) for c in (short_clip, long_clip))
+        print(f"flat memory (640x360): peak RSS {r1['peak_rss_mb']:.0f} MB on 1 min, {r['peak_rss_mb']:.0f} MB on "
+              f"{args.long_minutes:g} min ({r['wall_s']:.1f} s)")
+        out["long"] = {"minutes": args.long_minutes, "one_minute": r1, "long": r}
+    return out
+
+
+def _sampling(args, cache: Path) -> list[dict]:
+    """Our sampler against the plain seek loop and against decoding every frame, per clip: the videos of
+    ../shared/data/videos as they are, and each made into a 60 s 720p H.264 clip with a keyframe every 2 s and
+    every 10 s."""
+    videos = sorted(p for p in SHARED_VIDEOS.glob("*") if p.is_file()) if SHARED_VIDEOS.is_dir() else []
+    if args.clip:
+        videos = [Path(args.clip)]
+    if not videos:
+        raise BadInput(SHARED_VIDEOS, "--sampling: no videos (give --clip FILE)")
+    clips = list(videos) + [real_footage(cache, 60.0, gop, v) for v in videos for gop in (2.0, 10.0)]
+    rows = []
+    for clip in clips:
+        r = {"clip": clip.name}
+        for kind in DECODERS:
+            r[kind] = median_process(_decoder_cmd(kind, clip, args.fps), args.cores, args.runs)["wall_s"]
+        r["frames"] = json.loads(subprocess.run(_decoder_cmd("decode", clip, args.fps), capture_output=True,
+                                                text=True, check=True).stdout.strip().splitlines()[-1])["frames"]
+        rows.append(r)
+        logger.info("%s: seek loop %.3f s, in order %.3f s, sampler %.3f s", clip.name, r["seekloop"],
+                    r["sequential"], r["decode"])
+    print(f"\nframe sampling at {args.fps:g} frame/s, whole processes, {args.cores} cores, median of {args.runs}\n"
+          f"{sampling_table(rows)}", flush=True)
+    return rows
+
+
+def _catalogue(args, result: dict) -> int:
+    from pipeline.catalogue import CATALOGUE_TYPES, catalogue_table, measure_catalogue
+    kinds = args.catalogue_types or CATALOGUE_TYPES
+    bad = [k for k in kinds if k not in CATALOGUE_TYPES]
+    if bad:
+        raise BadInput(None, f"--catalogue-types: unknown {', '.join(bad)} "
+                             f"(expected some of {' '.join(CATALOGUE_TYPES)})")
+    _faiss_threads(args.cores)
+    rows = []
+    for n in args.catalogue:
+        rows += measure_catalogue(n, kinds)
+        print(f"\n{catalogue_table([r for r in rows if r['n'] == n])}", flush=True)
+    result["catalogue"] = rows
+    if args.out:
+        emit_json(result, args.out)
+    return 0
+
+
+def _faiss_threads(cores: int) -> None:
+    import faiss
+    faiss.omp_set_num_threads(cores)
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:cores])
+
+
 def build_parser() -> argparse.ArgumentParser:
     from pipeline.backends import BACKENDS
     p = Parser(
         prog="python pipeline/bench.py", description=__doc__.split("\n\n")[0].split(":", 1)[-1].strip())
-    p.add_argument("--clip", help="bench clip (default: a generated 60 s 1280x720 H.264 clip)")
+    p.add_argument("--clip", help="bench clip (default: a 60 s 1280x720 H.264 clip of real footage, made once)")
     p.add_argument("--seconds", type=positive_float, default=60.0, help="length of the generated clip")
     p.add_argument("--fps", type=positive_float, default=1.0)
     p.add_argument("--runs", type=positive_int, default=5, help="timed runs per setting (median reported)")
@@ -231,9 +372,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grocery-weights", help="embedder for the agreement check (default weights/retriever.*)")
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--cache", default=None, help="where generated clips and the index go (default LPR cache)")
+    p.add_argument("--catalogue", type=positive_int, nargs="+", metavar="N",
+                   help="only the catalogue-scale table, for each N (e.g. 10000 100000 1000000)")
+    p.add_argument("--catalogue-types", nargs="+", default=None, metavar="TYPE",
+                   help="index types for --catalogue (default: flat ivfsq ivfpq hnsw)")
     p.add_argument("--out", type=output_file, help="write the JSON result here too")
-    p.add_argument("--child", choices=("decode", "full", "nodet"), help=argparse.SUPPRESS)
-    p.add_argument("--index", help=argparse.SUPPRESS)
+    p.add_argument("--sampling", action="store_true",
+                   help="also the frame-sampling table (our sampler, the plain seek loop, decoding in order) "
+                        "on the real videos of ../shared/data/videos and their 720p transcodes")
+    p.add_argument("--child", choices=DECODERS, help=argparse.SUPPRESS)
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -245,48 +392,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.verbose)
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     from pipeline import backends
-    from pipeline.gallery import cache_dir, cached_index
+    from pipeline.gallery import cache_dir
     grocery = grocery_root(args.grocery)
     if args.cores > len(os.sched_getaffinity(0)):
         raise BadInput(None, f"--cores {args.cores}: only {len(os.sched_getaffinity(0))} CPU cores are available here")
     result: dict = {"cores": args.cores, "backend": args.backend, "runs": args.runs}
+    if args.catalogue:
+        return _catalogue(args, result)
     cache = Path(args.cache) if args.cache else cache_dir().parent / "bench"
     cache.mkdir(parents=True, exist_ok=True)
+    if args.sampling:
+        result["sampling"] = _sampling(args, cache)
     if not args.skip_speed:
-        sources = sorted((backends.DEMO_DIR / "clips").glob("*.mp4"))
-        clip = Path(args.clip) if args.clip else bench_clip(cache, args.seconds, sources)
-        from lpr4m.frames import probe_video
-        info = probe_video(clip)
-        seconds = info.duration_s or args.seconds
-        emb = backends.load_embedder(args.weights, args.backend, "cpu")
-        gallery = cached_index(Path(args.gallery) if args.gallery else backends.DEMO_DIR / "gallery", emb)
-        index = gallery.path
-        rows = []
-        for kind, label in (("decode", "decode only"), ("full", f"pipeline {args.backend}"),
-                            ("nodet", f"pipeline {args.backend} no-det")):
-            r = _median_runs(kind, clip, args, None if kind == "decode" else index)
-            r["label"] = label
-            rows.append(r)
-        base = rows[0]["wall_s"]
-        table = speed_table(rows, seconds, base)
-        full = rows[1]
-        verdict = {"x_realtime": seconds / full["wall_s"], "target_20x": seconds / full["wall_s"] >= 20,
-                   "vs_decode": full["wall_s"] / base, "target_2x_decode": full["wall_s"] <= 2 * base,
-                   "peak_rss_mb": full["peak_rss_mb"], "target_2gb": full["peak_rss_mb"] < 2048}
-        print(f"\n{clip.name}: {seconds:.0f} s, {info.width}x{info.height} {info.codec}, {args.fps:g} frame/s, "
-              f"{args.cores} cores, median of {args.runs}\n{table}\n{json.dumps(verdict)}")
-        result["speed"] = {"clip": str(clip), "seconds": seconds, "rows": rows, "verdict": verdict, "table": table}
-        if args.long_minutes > 0:
-            # long clip at 640x360, 5 fps: an hour encodes in about a minute; memory is what is measured here
-            long_clip = bench_clip(cache, 60 * args.long_minutes, sources, size=(640, 360), fps=5)
-            short_clip = bench_clip(cache, 60, sources, size=(640, 360), fps=5)
-            args_long = argparse.Namespace(**{**vars(args), "runs": 1})
-            r1 = _measure("full", short_clip, args_long, index)
-            r = _measure("full", long_clip, args_long, index)
-            print(f"flat memory (640x360): peak RSS {r1['peak_rss_mb']:.0f} MB on 1 min ({r1['frames']} frames), "
-                  f"{r['peak_rss_mb']:.0f} MB on {args.long_minutes:g} min ({r['frames']} frames, "
-                  f"{r['wall_s']:.1f} s)")
-            result["long"] = {"minutes": args.long_minutes, "one_minute": r1, "long": r}
+        result["speed"] = _speed(args, cache)
     if grocery is not None:
         w = Path(args.grocery_weights) if args.grocery_weights else backends.default_weights("retriever", "torch")
         a = agreement(grocery, w)

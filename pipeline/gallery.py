@@ -39,8 +39,11 @@ VERSION = 1
 INDEX_FILE = "index.faiss"  # the name versions before index-<token>.faiss used
 META_FILE = "meta.json"
 LOCK_FILE = ".lock"
-INDEX_TYPES = ("flat", "ivfpq", "hnsw")
+INDEX_TYPES = ("auto", "flat", "ivfsq", "ivfpq", "hnsw")
 MIN_IVFPQ_TRAIN = 1000  # below this, k-means/PQ training is meaningless: fall back to the exact index
+# "auto": exact search up to this many vectors, IVF with 8-bit scalar codes above (`pipeline/bench.py
+# --catalogue`: see weights/README.md for the figures these come from)
+AUTO_FLAT_MAX = 20_000
 TITLE_FILES = ("titles.txt", "titles.tsv")
 ROW_COLUMNS = ("ids", "image_ids", "views", "live_ids", "paths")  # meta's per-vector lists, row i = faiss id ids[i]
 
@@ -284,19 +287,42 @@ def _pq_m(d: int) -> int:
     return 1
 
 
-def make_index(index_type: str, d: int, n_train: int, nlist: int | None = None, hnsw_m: int = 32):
-    """(faiss index, factory string, actual type). IVF-PQ with too few vectors falls back to exact search."""
-    faiss = _faiss()
+def resolve_index_type(index_type: str, n: int) -> str:
+    """The concrete index type: ``auto`` is exact search for small galleries and IVF-SQ8 for catalogues."""
     if index_type not in INDEX_TYPES:
         raise BadInput(None, f"unknown --index-type {index_type!r} (expected one of {', '.join(INDEX_TYPES)})")
-    if index_type == "ivfpq" and n_train < MIN_IVFPQ_TRAIN:
-        logger.warning("IVF-PQ needs at least %d shop images to train its quantisers (have %d): "
+    if index_type == "auto":
+        return "flat" if n <= AUTO_FLAT_MAX else "ivfsq"
+    return index_type
+
+
+def default_nlist(n: int) -> int:
+    """IVF lists: a power of two near 4 sqrt(N), with at least 39 training vectors per list (faiss' floor)."""
+    cap = max(1, n // 39)
+    p = max(0, int(round(math.log2(max(1.0, min(4 * math.sqrt(n), cap))))))
+    return 1 << (p - 1 if p > 0 and 1 << p > cap else p)
+
+
+def default_nprobe(index_type: str, nlist: int) -> int:
+    """Lists searched per query; IVF-SQ8 reaches recall@10 >= 0.95 of exact search at nlist/64 on the catalogue
+    benchmark, IVF-PQ is limited by its codes and searches more lists for less."""
+    return min(nlist, max(8, nlist // (64 if index_type == "ivfsq" else 8)))
+
+
+def make_index(index_type: str, d: int, n_train: int, nlist: int | None = None, hnsw_m: int = 32):
+    """(faiss index, factory string, actual type). IVF with too few vectors falls back to exact search."""
+    faiss = _faiss()
+    index_type = resolve_index_type(index_type, n_train)
+    if index_type in ("ivfpq", "ivfsq") and n_train < MIN_IVFPQ_TRAIN:
+        logger.warning("IVF needs at least %d shop images to train its quantisers (have %d): "
                        "using the exact flat index instead", MIN_IVFPQ_TRAIN, n_train)
         index_type = "flat"
     if index_type == "flat":
         factory = "IDMap2,Flat"
     elif index_type == "hnsw":
         factory = f"IDMap2,HNSW{hnsw_m}"
+    elif index_type == "ivfsq":
+        factory = f"IVF{nlist or default_nlist(n_train)},SQ8"
     else:
         nlist = nlist or max(1, min(int(4 * math.sqrt(n_train)), n_train // 39))
         nbits = 8 if n_train >= 39 * 256 else 6 if n_train >= 39 * 64 else 4
@@ -313,6 +339,7 @@ class GalleryIndex:
         self.path = path
         self._rebuild_lookup()
         self._gpu_index = None
+        self._mapped = False
 
     # -- bookkeeping -------------------------------------------------------------------------------------------
     def _rebuild_lookup(self) -> None:
@@ -403,7 +430,7 @@ class GalleryIndex:
         params = {}
         ivf = _ivf(index)
         if ivf is not None:
-            ivf.nprobe = params["nprobe"] = min(ivf.nlist, max(8, ivf.nlist // 8))
+            ivf.nprobe = params["nprobe"] = default_nprobe(actual, ivf.nlist)
         hnsw = _hnsw(index)
         if hnsw is not None:
             hnsw.hnsw.efSearch = params["efSearch"] = 128
@@ -440,6 +467,7 @@ class GalleryIndex:
         return self.add_vectors(x, kept, replace=replace)
 
     def add_vectors(self, x: np.ndarray, items: Sequence[GalleryItem], replace: bool = True) -> int:
+        self._writable()
         x = normalise(x)
         if x.shape[1] != self.dim:
             raise BadInput(self.path, f"vectors of size {x.shape[1]} do not fit this index (size {self.dim})")
@@ -477,6 +505,7 @@ class GalleryIndex:
 
     def _remove_ids(self, ids: np.ndarray) -> None:
         faiss = _faiss()
+        self._writable()
         if _hnsw(self.index) is not None:
             # HNSW graphs cannot delete: rebuild from the stored (exact) vectors, keeping ids
             keep = np.asarray([i for i in self.meta["ids"] if i not in set(ids.tolist())], dtype=np.int64)
@@ -640,21 +669,36 @@ class GalleryIndex:
         if sha256_file(ipath) != meta["index_sha256"]:
             raise BadInput(ipath, "index file does not match its meta.json (sha256 differs; rebuild the index)")
         try:
-            index = faiss.read_index(str(ipath))
+            # memory-mapped: a process maps the catalogue's codes instead of copying them; ``_writable`` reads a
+            # private copy before the first add or remove
+            # (the two flags do not combine: IVF lists map through a file reader, flat codes through a mapped one)
+            ivf = str(meta["factory"]).startswith("IVF")
+            index = faiss.read_index(str(ipath), faiss.IO_FLAG_MMAP if ivf else faiss.IO_FLAG_MMAP_IFC)
         except RuntimeError as e:
             raise BadInput(ipath, f"unreadable faiss index ({str(e).splitlines()[0][:120]})") from None
         if index.ntotal != len(meta["ids"]) or index.d != meta["dim"]:
             raise BadInput(ipath, f"index holds {index.ntotal} vectors of size {index.d}; meta.json says "
                                   f"{len(meta['ids'])} of size {meta['dim']}")
-        params = meta.get("search_params", {})
-        if _ivf(index) is not None and "nprobe" in params:
-            _ivf(index).nprobe = int(params["nprobe"])
-        if _hnsw(index) is not None and "efSearch" in params:
-            _hnsw(index).hnsw.efSearch = int(params["efSearch"])
+        _copy_search_params(meta, index)
         gi = cls(index, meta, path)
+        gi._mapped = True
         if embedder is not None:
             gi.check_embedder(embedder)
         return gi
+
+    def _writable(self) -> None:
+        if self._mapped:
+            faiss = _faiss()
+            ivf = _ivf(self.index)
+            if ivf is not None:  # mapped IVF lists cannot be serialised or cloned: copy them into memory
+                lists = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
+                ivf.invlists.copy_subset_to(lists, faiss.InvertedLists.SUBSET_TYPE_ID_MOD, 1, 0)  # every id
+                ivf.replace_invlists(lists, True)
+                lists.this.disown()  # the index owns them now, not Python's garbage collector
+            else:
+                self.index = faiss.deserialize_index(faiss.serialize_index(self.index))
+                _copy_search_params(self.meta, self.index)
+            self._mapped, self._gpu_index = False, None
 
     def summary(self) -> dict:
         return {"index": str(self.path) if self.path else None, "index_type": self.index_type,
@@ -760,7 +804,7 @@ def cache_dir() -> Path:
     return cache_root() / "indexes"
 
 
-def cached_index(gallery_dir, embedder, index_type: str = "flat", strict: bool = False,
+def cached_index(gallery_dir, embedder, index_type: str = "auto", strict: bool = False,
                  show_progress: bool = True) -> GalleryIndex:
     """The index of a gallery folder, built on first use and cached by (gallery content, embedder, type)."""
     root, items = collect(gallery_dir)
@@ -786,6 +830,14 @@ def cached_index(gallery_dir, embedder, index_type: str = "flat", strict: bool =
     except OSError as e:  # a read-only home must not stop recognition
         logger.warning("could not cache the index at %s (%s)", path, e)
     return gi
+
+
+def _copy_search_params(meta: dict, index) -> None:
+    params = meta.get("search_params", {})
+    if _ivf(index) is not None and "nprobe" in params:
+        _ivf(index).nprobe = int(params["nprobe"])
+    if _hnsw(index) is not None and "efSearch" in params:
+        _hnsw(index).hnsw.efSearch = int(params["efSearch"])
 
 
 def _ivf(index):

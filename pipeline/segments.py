@@ -28,46 +28,58 @@ def window_embeddings(frame_embs: np.ndarray, window: int) -> tuple[np.ndarray, 
     return np.stack([_unit(frame_embs[a:b].mean(axis=0)) for a, b in spans]), spans
 
 
+class OnlineSegmenter:
+    """``change_points`` one window at a time, for a stream that is still running: ``push`` returns the index
+    of the window where a new segment starts once that change is confirmed, else None."""
+
+    def __init__(self, threshold: float = 0.7, hysteresis: int = 2):
+        self.threshold = threshold
+        self.hysteresis = max(1, int(hysteresis))
+        self.n = 0
+        self.ref_sum: np.ndarray | None = None
+        self.counts: Counter = Counter()
+        self.pending: list[tuple[int, np.ndarray, str | None]] = []
+
+    def _restart(self, windows) -> None:
+        self.ref_sum = np.sum([w for _, w, _ in windows], axis=0)
+        self.counts = Counter(lab for _, _, lab in windows if lab is not None)
+
+    def push(self, w: np.ndarray, label: str | None = None) -> int | None:
+        j, w = self.n, np.asarray(w, dtype=np.float32).reshape(-1)
+        self.n += 1
+        if self.ref_sum is None:
+            self._restart([(j, w, label)])
+            return 0
+        cur = self.counts.most_common(1)[0][0] if self.counts else None
+        odd = float(_unit(self.ref_sum) @ w) < self.threshold or (label is not None and cur is not None
+                                                                  and label != cur)
+        if not odd:
+            for _, pw, plab in self.pending + [(j, w, label)]:
+                self.ref_sum += pw
+                if plab is not None:
+                    self.counts[plab] += 1
+            self.pending = []
+            return None
+        if self.pending:
+            _, lw, llab = self.pending[-1]
+            if not ((llab is not None and llab == label) or float(lw @ w) >= self.threshold):
+                self.pending = []  # the odd windows disagree among themselves: not one new product yet
+        self.pending.append((j, w, label))
+        if len(self.pending) < self.hysteresis:
+            return None
+        start = self.pending[0][0]
+        self._restart(self.pending)
+        self.pending = []
+        return start
+
+
 def change_points(window_embs: np.ndarray, labels: Sequence[str | None] | None = None, threshold: float = 0.7,
                   hysteresis: int = 2) -> list[int]:
     """Window indices where segments start (always begins with 0)."""
     w = np.asarray(window_embs, dtype=np.float32)
-    n = len(w)
-    if n == 0:
-        return []
-    labels = list(labels) if labels is not None else [None] * n
-    hysteresis = max(1, int(hysteresis))
-    starts = [0]
-    ref_sum = w[0].copy()
-    counts = Counter([labels[0]] if labels[0] is not None else [])
-    pending: list[int] = []
-
-    def odd(j: int) -> bool:
-        cur = counts.most_common(1)[0][0] if counts else None
-        return float(_unit(ref_sum) @ w[j]) < threshold or (labels[j] is not None and cur is not None
-                                                            and labels[j] != cur)
-
-    def agree(a: int, b: int) -> bool:
-        same = labels[a] is not None and labels[a] == labels[b]
-        return same or float(w[a] @ w[b]) >= threshold
-
-    for j in range(1, n):
-        if odd(j):
-            if pending and not agree(pending[-1], j):
-                pending = []  # the odd windows disagree among themselves: not one new product yet
-            pending.append(j)
-            if len(pending) >= hysteresis:
-                starts.append(pending[0])
-                ref_sum = w[pending].sum(axis=0)
-                counts = Counter(labels[p] for p in pending if labels[p] is not None)
-                pending = []
-        else:
-            for p in pending + [j]:
-                ref_sum += w[p]
-                if labels[p] is not None:
-                    counts[labels[p]] += 1
-            pending = []
-    return starts
+    labels = list(labels) if labels is not None else [None] * len(w)
+    seg = OnlineSegmenter(threshold, hysteresis)
+    return [s for s in (seg.push(w[j], labels[j]) for j in range(len(w))) if s is not None]
 
 
 def segment_spans(n_frames: int, window: int, starts: Sequence[int]) -> list[tuple[int, int]]:

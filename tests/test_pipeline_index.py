@@ -116,7 +116,7 @@ def test_ivfpq_trains_or_falls_back_and_hnsw_agrees(caplog):
     from pipeline.gallery import MIN_IVFPQ_TRAIN, GalleryIndex
     small = GalleryIndex.from_vectors(_clustered(20), _items(20), {"fingerprint": "fp"}, index_type="ivfpq")
     assert small.index_type == "flat" and small.meta["requested_type"] == "ivfpq"
-    assert "IVF-PQ needs at least" in caplog.text
+    assert "IVF needs at least" in caplog.text
     n = MIN_IVFPQ_TRAIN + 200
     x = _clustered(n, d=32)
     items = _items(n)
@@ -131,10 +131,10 @@ def test_ivfpq_trains_or_falls_back_and_hnsw_agrees(caplog):
     assert ivf_hits >= 0.8  # approximate by design (PQ codes)
 
 
-@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivfpq"])
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivfpq", "ivfsq"])
 def test_remove_add_save_load(tmp_path, kind):
     from pipeline.gallery import MIN_IVFPQ_TRAIN, GalleryIndex
-    n = MIN_IVFPQ_TRAIN + 40 if kind == "ivfpq" else 40
+    n = MIN_IVFPQ_TRAIN + 40 if kind.startswith("ivf") else 40
     x = _clustered(n)
     items = _items(n)
     gi = GalleryIndex.from_vectors(x, items, {"fingerprint": "fp"}, index_type=kind)
