@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from detector.config import DetectorConfig, sidecar
-from lpr4m.cli import onnx_providers, torch_device
+from lpr4m.cli import onnx_providers, onnx_session, torch_device
 from lpr4m.errors import BadInput
 
 logger = logging.getLogger(__name__)
@@ -202,7 +202,7 @@ class OnnxBackend:
             opts.intra_op_num_threads = threads
         providers = onnx_providers(device, cpu_fallback)  # its refusal is about --device, not the file
         try:
-            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+            self.session = onnx_session(path, opts, providers)
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise BadInput(path, f"not a loadable ONNX model ({type(e).__name__}: {shorten(str(e), 160)})") from None
         inp = self.session.get_inputs()[0]

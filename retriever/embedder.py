@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lpr4m.cli import onnx_providers, torch_device
+from lpr4m.cli import onnx_providers, onnx_session, torch_device
 from lpr4m.errors import BadInput
 from lpr4m.io import sha256_file
 from retriever.aggregate import l2_normalise
@@ -98,7 +98,7 @@ class OnnxBackend:
         # no busy-waiting between ops: the pipeline decodes video in a thread beside the model (CPU, 2 cores)
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
-            self.session = ort.InferenceSession(str(path), so, providers=providers)
+            self.session = onnx_session(path, so, providers)
         except Exception as e:  # onnxruntime raises its own exception types for corrupt models
             raise BadInput(path, f"ONNX Runtime cannot load this model ({type(e).__name__}: {str(e)[:200]})") \
                 from None

@@ -129,3 +129,24 @@ def test_make_demo_never_replaces_a_folder_it_did_not_write(lpr4m_mini, tmp_path
     code, _, err = _run(main, base + [demo], capsys)
     assert code == 2 and "mine.txt" in err and (demo / "mine.txt").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo", "user"]  # no temp folders left
+
+
+def test_onnx_session_caches_its_optimised_graph(monkeypatch, tmp_path):
+    import numpy as np
+    import onnxruntime as ort
+    from lpr4m.cli import onnx_session
+    monkeypatch.setenv("LPR_CACHE_DIR", str(tmp_path))
+    model = Path(__file__).resolve().parents[1] / "weights" / "retriever.onnx"
+    x = np.random.default_rng(0).standard_normal((1, 3, 192, 192)).astype(np.float32)
+
+    def run():
+        s = onnx_session(model, ort.SessionOptions(), ["CPUExecutionProvider"])
+        return s.run(None, {s.get_inputs()[0].name: x})[0]
+
+    first = run()
+    cached = list((tmp_path / "onnxruntime-graphs").glob("*.onnx"))
+    assert len(cached) == 1 and not list((tmp_path / "onnxruntime-graphs").glob(".*"))
+    np.testing.assert_array_equal(run(), first)  # from the cached graph
+    cached[0].write_bytes(b"damaged")
+    np.testing.assert_array_equal(run(), first)  # a damaged entry is rebuilt, not fatal
+    assert cached[0].stat().st_size > 1000
