@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 MODES = ("fps", "even", "every")
 SEEK_GAP_S = 2.0  # without a keyframe index, seek only past gaps this long
-SEEK_MIN_SKIP_S = 1.0  # with one, seek only when it skips at least this much decoding
+SEEK_MIN_SKIP_S = 0.5  # with one, seek only when it skips at least this much decoding
 _MAX_BAD_PACKETS = 100  # consecutive undecodable packets before a stream counts as corrupt
 
 
@@ -278,6 +278,8 @@ def _scan_duration_pyav(path: Path, t0: float) -> float | None:
 def _sample_pyav(path: Path, info: VideoInfo, t0: float, keys: list[float], sel: _Selector,
                  allow_seek: bool) -> Iterator[tuple[float, np.ndarray]]:
     step = 1.0 / (info.fps or 25.0)
+    # index times are decode times: with B-frames a keyframe is shown this much later than its index entry says
+    delay = t0 - keys[0] if keys and keys[0] < t0 else 0.0
     r = _PyAV(path)
     try:
         it = r.frames()
@@ -286,9 +288,11 @@ def _sample_pyav(path: Path, info: VideoInfo, t0: float, keys: list[float], sel:
         just_seeked = False
         seek_target = None
         while sel.target is not None:
-            if seeking and sel.target != seek_target and _worth_seeking(prev, sel.target - sel.tol, t0, keys):
+            point = _seek_point(prev, sel.target, sel.tol, t0, keys, delay) \
+                if seeking and sel.target != seek_target else None
+            if point is not None:
                 seek_target = sel.target
-                if r.seek(t0 + max(0.0, sel.target - sel.tol)):
+                if r.seek(point):
                     it, just_seeked, prev = r.frames(), True, None
                 else:
                     seeking = False
@@ -301,7 +305,7 @@ def _sample_pyav(path: Path, info: VideoInfo, t0: float, keys: list[float], sel:
             t = r.time_of(frame, None if prev is None else prev + t0, step) - t0
             if just_seeked:
                 just_seeked = False
-                if t > sel.target - sel.tol + 1e-6:  # landed after the target: seeking is unreliable here
+                if t > sel.target + sel.tol + 1e-6:  # landed after the target: seeking is unreliable here
                     logger.info("%s: seek to %.2fs landed at %.2fs; reading in order", path, sel.target, t)
                     seeking = False
                     r.close()
@@ -319,14 +323,17 @@ def _sample_pyav(path: Path, info: VideoInfo, t0: float, keys: list[float], sel:
         r.close()
 
 
-def _worth_seeking(prev: float | None, target: float, t0: float, keys: list[float]) -> bool:
-    """Seek when the keyframe before ``target`` lies beyond what has been decoded (decoding forward is cheaper
-    otherwise); without an index, when the gap is long."""
+def _seek_point(prev: float | None, target: float, tol: float, t0: float, keys: list[float],
+                delay: float) -> float | None:
+    """Where to seek for ``target`` (a stream time), or None to decode on. With a keyframe index: the last
+    keyframe shown by ``target + tol``, when it lies more than SEEK_MIN_SKIP_S beyond what has been decoded
+    (decoding forward is cheaper otherwise); a keyframe at the target itself is landed on exactly. Without an
+    index: ``target - tol``, past gaps of SEEK_GAP_S."""
     pos = 0.0 if prev is None else prev
     if keys:
-        i = bisect.bisect_right(keys, t0 + target) - 1
-        return i >= 0 and keys[i] - t0 > pos + SEEK_MIN_SKIP_S
-    return target - pos > SEEK_GAP_S
+        i = bisect.bisect_right(keys, t0 + target + tol - delay) - 1
+        return keys[i] + delay if i >= 0 and keys[i] + delay - t0 > pos + SEEK_MIN_SKIP_S else None
+    return t0 + max(0.0, target - tol) if target - tol - pos > SEEK_GAP_S else None
 
 
 # -- OpenCV fallback ------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ if __name__ == "__main__":  # run as a script: resolve packages from the repo ro
 import argparse  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
+import math  # noqa: E402
 import os  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
@@ -328,6 +329,125 @@ def _sampling(args, cache: Path) -> list[dict]:
     return rows
 
 
+# -- live streams ---------------------------------------------------------------------------------------------
+def hls_segments(clip: Path, folder: Path, segment_s: float = 2.0) -> list[float]:
+    """Cut ``clip`` into MPEG-TS segments of about ``segment_s`` (copying the packets, at its keyframes) in
+    ``folder``; returns each segment's duration."""
+    import av
+    folder.mkdir(parents=True, exist_ok=True)
+    with av.open(str(clip)) as src:
+        vin = src.streams.video[0]
+        with av.open(str(folder / "all.m3u8"), "w", format="hls",
+                     options={"hls_time": f"{segment_s:g}", "hls_list_size": "0", "hls_segment_type": "mpegts",
+                              "hls_segment_filename": str(folder / "seg%05d.ts")}) as out:
+            vout = out.add_stream_from_template(vin)
+            for packet in src.demux(vin):
+                if packet.dts is None:
+                    continue
+                packet.stream = vout
+                out.mux(packet)
+    return [float(line.split(":", 1)[1].rstrip(",")) for line in (folder / "all.m3u8").read_text().splitlines()
+            if line.startswith("#EXTINF:")]
+
+
+class LivePlaylists:
+    """Serves pre-cut HLS segments as live streams on 127.0.0.1: ``/live<n>.m3u8`` lists only the segments whose
+    time has come since stream ``n`` started (no end tag until the last), as a live encoder's playlist does."""
+
+    def __init__(self, folder: Path, durations: list[float]):
+        import functools
+        import http.server
+        import threading
+        self.folder, self.durations, self.starts = folder, durations, {}
+        outer = self
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                name = self.path.lstrip("/").split("?")[0]
+                if name.startswith("live") and name.endswith(".m3u8"):
+                    body = outer.playlist(name[4:-5]).encode()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/vnd.apple.mpegurl")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                else:
+                    super().do_GET()
+
+        handler = functools.partial(Handler, directory=str(folder))
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def url(self, n: int) -> str:
+        return f"http://127.0.0.1:{self.port}/live{n}.m3u8"
+
+    def playlist(self, n: str) -> str:
+        start = self.starts.setdefault(n, time.monotonic())
+        elapsed, t, lines = time.monotonic() - start, 0.0, []
+        for i, d in enumerate(self.durations):
+            if t + d > elapsed:  # a segment is published once it has been "recorded"
+                break
+            lines += [f"#EXTINF:{d:.3f},", f"seg{i:05d}.ts"]
+            t += d
+        done = len(lines) // 2 == len(self.durations)
+        head = ["#EXTM3U", "#EXT-X-VERSION:3", f"#EXT-X-TARGETDURATION:{math.ceil(max(self.durations))}",
+                "#EXT-X-MEDIA-SEQUENCE:0"]
+        return "\n".join(head + lines + (["#EXT-X-ENDLIST"] if done else [])) + "\n"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _live(args, cache: Path) -> list[dict]:
+    """k live streams of the 720p real-footage clip at once, each read by its own ``pipeline/live.py`` at
+    ``--fps``: per k, the median and p95 event latency and the frames dropped (a stream keeps up in real time
+    when none are)."""
+    from pipeline import backends
+    from pipeline.gallery import cached_index
+    clip = Path(args.clip) if args.clip else real_footage(cache, args.seconds)
+    if clip is None:
+        raise BadInput(SHARED_VIDEOS, "--live-streams: no real footage here (give --clip FILE)")
+    folder = cache / f"hls-{clip.stem}"
+    durations = hls_segments(clip, folder)
+    emb = backends.load_embedder(args.weights, args.backend, "cpu")
+    index = cached_index(Path(args.gallery) if args.gallery else backends.DEMO_DIR / "gallery", emb).path
+    rows = []
+    for k in args.live_streams:
+        server = LivePlaylists(folder, durations)
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.cores))
+        procs = [subprocess.Popen([sys.executable, str(REPO / "pipeline" / "live.py"), "--source", server.url(i),
+                                   "--index", str(index), "--backend", args.backend, "--fps", str(args.fps)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+                 for i in range(k)]
+        outs = [p.communicate(timeout=sum(durations) + 300)[0] for p in procs]
+        server.close()
+        lat, dropped, read = [], 0, 0
+        for out in outs:
+            events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+            lat += [e["latency_s"] for e in events if e["event"] == "products"]
+            stop = events[-1] if events and events[-1]["event"] == "stopped" else {}
+            dropped += stop.get("frames_dropped", 0)
+            read += stop.get("frames_read", 0)
+        lat.sort()
+        rows.append({"streams": k, "frames_read": read, "frames_dropped": dropped,
+                     "latency_median_s": lat[len(lat) // 2] if lat else None,
+                     "latency_p95_s": lat[min(len(lat) - 1, int(0.95 * len(lat)))] if lat else None,
+                     "real_time": dropped == 0 and bool(lat)})
+        logger.info("%d live streams: %s", k, rows[-1])
+    print(f"\nlive streams of {clip.name} ({sum(durations):.0f} s each, {args.fps:g} frame/s, "
+          f"{args.backend}, {args.cores} cores)\n{'streams':>8}{'read':>7}{'dropped':>9}{'latency p50 s':>15}"
+          f"{'p95 s':>8}  real time")
+    for r in rows:
+        print(f"{r['streams']:>8}{r['frames_read']:>7}{r['frames_dropped']:>9}{r['latency_median_s'] or 0:15.2f}"
+              f"{r['latency_p95_s'] or 0:8.2f}  {'yes' if r['real_time'] else 'no'}")
+    return rows
+
+
 def _catalogue(args, result: dict) -> int:
     from pipeline.catalogue import CATALOGUE_TYPES, catalogue_table, measure_catalogue
     kinds = args.catalogue_types or CATALOGUE_TYPES
@@ -380,6 +500,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampling", action="store_true",
                    help="also the frame-sampling table (our sampler, the plain seek loop, decoding in order) "
                         "on the real videos of ../shared/data/videos and their 720p transcodes")
+    p.add_argument("--live-streams", type=positive_int, nargs="+", metavar="K",
+                   help="also run K live streams of the real-footage clip at once (e.g. 1 2 4): event latency and "
+                        "dropped frames")
     p.add_argument("--child", choices=DECODERS, help=argparse.SUPPRESS)
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -403,6 +526,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cache.mkdir(parents=True, exist_ok=True)
     if args.sampling:
         result["sampling"] = _sampling(args, cache)
+    if args.live_streams:
+        result["live"] = _live(args, cache)
     if not args.skip_speed:
         result["speed"] = _speed(args, cache)
     if grocery is not None:

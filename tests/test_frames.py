@@ -205,3 +205,31 @@ def test_seeking_matches_reading_in_order(name):
     b = list(sample_frames(path, "every", every_s=3.0, seek=False))
     assert [f.time_s for f in a] == [f.time_s for f in b]
     assert all(np.array_equal(x.rgb, y.rgb) for x, y in zip(a, b))
+
+
+def test_seeking_lands_on_keyframes_of_a_b_frame_stream(tmp_path, monkeypatch):
+    """H.264 with B-frames indexes its keyframes by decode time, a few frames before they are shown: a target on
+    a keyframe is reached by one seek (not by decoding the keyframe interval before it), with the very frames
+    reading in order gives."""
+    import lpr4m.frames as F
+    path = tmp_path / "b.mp4"
+    frames = [np.full((48, 64, 3), 0, np.uint8) for _ in range(160)]  # 6.4 s
+    for i, f in enumerate(frames):
+        f[:, : 2 + (i % 60)] = level(i % 30)  # moving edges: the encoder uses B-frames
+    write_video(path, frames, fps=25, crf=18, options={"g": "50", "keyint_min": "50", "sc_threshold": "0", "bf": "3"})
+    # a keyframe every 2 s exactly
+    decoded = {"n": 0}
+    frames_of = F._PyAV.frames
+
+    def counting(self):
+        for fr in frames_of(self):
+            decoded["n"] += 1
+            yield fr
+
+    monkeypatch.setattr(F._PyAV, "frames", counting)
+    a = list(sample_frames(path, "fps", fps=0.5, seek=True))  # targets 0, 2, 4, 6 s: all on keyframes
+    n_seek = decoded["n"]
+    b = list(sample_frames(path, "fps", fps=0.5, seek=False))
+    assert [f.time_s for f in a] == [f.time_s for f in b] == [0.0, 2.0, 4.0, 6.0]
+    assert all(np.array_equal(x.rgb, y.rgb) for x, y in zip(a, b))
+    assert n_seek < 30 < decoded["n"] - n_seek  # a few frames per seek against the whole clip in order
