@@ -27,6 +27,7 @@ if __name__ == "__main__":  # run as a script: resolve packages from the repo ro
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import argparse  # noqa: E402
+import collections  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
@@ -448,6 +449,74 @@ def _live(args, cache: Path) -> list[dict]:
     return rows
 
 
+def _post_clip(url: str, clip: Path, key: str | None = None) -> tuple[int, float]:
+    """One multipart POST of ``clip``; (status, seconds)."""
+    import urllib.error
+    import urllib.request
+    import uuid
+    boundary = uuid.uuid4().hex
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{clip.name}\"\r\n"
+            f"Content-Type: video/mp4\r\n\r\n").encode() + clip.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    if key:
+        headers["X-API-Key"] = key
+    t0 = time.perf_counter()
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, body, headers), timeout=600) as r:
+            r.read()
+            status = r.status
+    except urllib.error.HTTPError as e:
+        status = e.code
+    return status, time.perf_counter() - t0
+
+
+def _service(args, cache: Path) -> list[dict]:
+    """``pipeline/serve.py`` as a real process; for each client count c, c clients each POST the 15 s demo clip
+    ``--runs`` times back to back: p50 / p95 latency, throughput, and every status code."""
+    import concurrent.futures
+    import socket
+    from pipeline import backends
+    clip = backends.DEMO_DIR / "clips" / "demo-2.mp4"
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    index = cache / "service-index"
+    cmd = [sys.executable, str(REPO / "pipeline" / "serve.py"), "--index", str(index), "--port", str(port),
+           "--backend", args.backend, "--workers", str(args.cores), "--queue", str(max(args.service) * 2)]
+    if not index.exists():
+        cmd += ["--gallery", str(backends.DEMO_DIR / "gallery")]
+    env = {k: v for k, v in os.environ.items() if k != "LPR_API_KEY"}
+    server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/v1/recognize"
+    try:
+        for _ in range(600):
+            try:
+                if _post_clip(url, clip)[0] == 200:  # also the warm-up request
+                    break
+            except OSError:
+                time.sleep(0.2)
+        rows = []
+        for c in args.service:
+            t0 = time.perf_counter()
+            with concurrent.futures.ThreadPoolExecutor(c) as pool:
+                results = list(pool.map(lambda _: _post_clip(url, clip), range(c * args.runs)))
+            wall = time.perf_counter() - t0
+            lat = sorted(t for _, t in results)
+            codes = collections.Counter(code for code, _ in results)
+            rows.append({"clients": c, "requests": len(results), "p50_s": lat[len(lat) // 2],
+                         "p95_s": lat[min(len(lat) - 1, int(0.95 * len(lat)))], "clips_per_s": len(results) / wall,
+                         "status": dict(codes)})
+    finally:
+        server.terminate()
+        server.wait(30)
+    print(f"\nservice ({args.backend}, {args.cores} workers, {clip.name}: 15 s clip) - {args.runs} requests per "
+          f"client\n{'clients':>8}{'requests':>9}{'p50 s':>8}{'p95 s':>8}{'clips/s':>9}  status codes")
+    for r in rows:
+        print(f"{r['clients']:>8}{r['requests']:>9}{r['p50_s']:8.2f}{r['p95_s']:8.2f}{r['clips_per_s']:9.2f}  "
+              f"{r['status']}")
+    return rows
+
+
 def _catalogue(args, result: dict) -> int:
     from pipeline.catalogue import CATALOGUE_TYPES, catalogue_table, measure_catalogue
     kinds = args.catalogue_types or CATALOGUE_TYPES
@@ -503,6 +572,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--live-streams", type=positive_int, nargs="+", metavar="K",
                    help="also run K live streams of the real-footage clip at once (e.g. 1 2 4): event latency and "
                         "dropped frames")
+    p.add_argument("--service", type=positive_int, nargs="+", metavar="C",
+                   help="also time pipeline/serve.py with C concurrent clients (e.g. 1 4 8)")
     p.add_argument("--child", choices=DECODERS, help=argparse.SUPPRESS)
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -528,6 +599,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         result["sampling"] = _sampling(args, cache)
     if args.live_streams:
         result["live"] = _live(args, cache)
+    if args.service:
+        result["service"] = _service(args, cache)
     if not args.skip_speed:
         result["speed"] = _speed(args, cache)
     if grocery is not None:
