@@ -332,7 +332,8 @@ def _seek_point(prev: float | None, target: float, tol: float, t0: float, keys: 
     pos = 0.0 if prev is None else prev
     if keys:
         i = bisect.bisect_right(keys, t0 + target + tol - delay) - 1
-        return keys[i] + delay if i >= 0 and keys[i] + delay - t0 > pos + SEEK_MIN_SKIP_S else None
+        # seek to the target itself: a keyframe's own display delay may exceed the first one's
+        return t0 + target + tol if i >= 0 and keys[i] + delay - t0 > pos + SEEK_MIN_SKIP_S else None
     return t0 + max(0.0, target - tol) if target - tol - pos > SEEK_GAP_S else None
 
 
