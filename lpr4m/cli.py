@@ -225,7 +225,8 @@ def onnx_session(path, options, providers: list):
 
     from lpr4m.io import cache_root
     path = Path(path)
-    if any(p != "CPUExecutionProvider" for p in providers) or options.optimized_model_filepath:
+    if any(p != "CPUExecutionProvider" for p in providers) or options.optimized_model_filepath \
+            or b"DequantizeLinear" in path.read_bytes():  # a saved optimised INT8 (QDQ) graph reloads wrong
         return ort.InferenceSession(str(path), options, providers=providers)
     st = path.stat()
     cpu = ""

@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--live", nargs="+", help="only these live ids' galleries")
     p.add_argument("--main-only", action="store_true", help="only each product's main image (view 0)")
     p.add_argument("--index-type", choices=INDEX_TYPES, default="auto",
-                   help="auto (default): exact search up to 20,000 images, IVF-SQ8 above; flat = exact; ivfsq, "
+                   help="auto (default): exact search up to 20,000 images, HNSW above; flat = exact; ivfsq, "
                         "ivfpq, hnsw: approximate (pipeline/bench.py --catalogue N compares them)")
     p.add_argument("--nlist", type=positive_int, default=None, help="IVF lists (default ~4 sqrt(N))")
     p.add_argument("--weights", help="embedder weights (default weights/retriever.<backend suffix>)")

@@ -25,11 +25,13 @@ def test_recall_at_matches_a_plain_count():
 def test_auto_index_type_follows_the_catalogue_size():
     from pipeline.gallery import AUTO_FLAT_MAX, default_nlist, make_index, resolve_index_type
     assert resolve_index_type("auto", AUTO_FLAT_MAX) == "flat"
-    assert resolve_index_type("auto", AUTO_FLAT_MAX + 1) == "ivfsq"
+    assert resolve_index_type("auto", AUTO_FLAT_MAX + 1) == "hnsw"
     assert resolve_index_type("hnsw", 10) == "hnsw"
     with pytest.raises(BadInput, match="unknown --index-type"):
         resolve_index_type("lsh", 10)
     _, factory, actual = make_index("auto", 16, 100_000)
+    assert actual == "hnsw" and factory.startswith("IDMap2,HNSW")
+    _, factory, actual = make_index("ivfsq", 16, 100_000)
     assert actual == "ivfsq" and factory == f"IVF{default_nlist(100_000)},SQ8"
     assert default_nlist(1_000_000) == 4096 and default_nlist(2000) == 32  # 4 sqrt(N), >= 39 vectors per list
 
