@@ -62,23 +62,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
-    from pipeline import backends
-    from pipeline.gallery import check_live_ids
     from pipeline.livestream import JsonLines, LiveJob, LiveSource, Webhook
-    from pipeline.run import load_gallery
+    from pipeline.run import load_pipeline
 
     sinks = [JsonLines(sys.stdout)]
     webhook = Webhook(args.webhook) if args.webhook else None
     source = LiveSource(args.source, fps=args.fps, follow=args.follow, retries=args.retries,
                         timeout_s=args.timeout, input_format=args.format)
-    args.backend = backends.resolve_backend(args.backend, args.weights, args.detector_weights)
-    device = backends.resolve_device(args.device, args.backend)
-    embedder = backends.load_embedder(args.weights, args.backend, device)
-    detector = None if args.no_detector else backends.load_detector(args.detector_weights, args.backend, device,
-                                                                    conf=args.conf)
-    gallery = load_gallery(args, embedder)
-    if args.live is not None:
-        check_live_ids([args.live], gallery.live_ids, args.index or args.gallery or backends.DEMO_DIR / "gallery")
+    _, embedder, detector, gallery = load_pipeline(args)
     events_file = open(args.events, "a", encoding="utf-8") if args.events else None  # appended: nothing lost
     if events_file is not None:
         sinks.append(JsonLines(events_file))

@@ -95,19 +95,10 @@ def load_gallery(args, embedder):
     return cached_index(gallery, embedder, strict=args.strict)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
-    from lpr4m.frames import probe_video
-    from lpr4m.io import atomic_write, write_json
+def load_pipeline(args):
+    """(device, embedder, detector or None, gallery index) from the flags run.py and live.py share."""
     from pipeline import backends
     from pipeline.gallery import check_live_ids
-    from pipeline.recognize import recognize_video
-    from pipeline.report import html_report, text_report
-
-    check_outputs(args.json, args.html)
-    probe_video(args.clip)  # a bad clip fails here, before models load
     args.backend = backends.resolve_backend(args.backend, args.weights, args.detector_weights)
     device = backends.resolve_device(args.device, args.backend)
     embedder = backends.load_embedder(args.weights, args.backend, device)
@@ -116,6 +107,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     gallery = load_gallery(args, embedder)
     if args.live is not None:
         check_live_ids([args.live], gallery.live_ids, args.index or args.gallery or backends.DEMO_DIR / "gallery")
+    return device, embedder, detector, gallery
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    from lpr4m.frames import probe_video
+    from lpr4m.io import atomic_write, write_json
+    from pipeline.recognize import recognize_video
+    from pipeline.report import html_report, text_report
+
+    check_outputs(args.json, args.html)
+    probe_video(args.clip)  # a bad clip fails here, before models load
+    device, embedder, detector, gallery = load_pipeline(args)
     result, rec = recognize_video(
         args.clip, embedder, gallery, detector, fps=args.fps, max_frames=args.max_frames, k=args.topk,
         method=args.aggregation, crops_per_frame=args.crops_per_frame, crop_policy=args.crop_policy,
