@@ -225,8 +225,7 @@ def onnx_session(path, options, providers: list):
 
     from lpr4m.io import cache_root
     path = Path(path)
-    if any(p != "CPUExecutionProvider" for p in providers) or options.optimized_model_filepath \
-            or b"DequantizeLinear" in path.read_bytes():  # a saved optimised INT8 (QDQ) graph reloads wrong
+    if any(p != "CPUExecutionProvider" for p in providers) or options.optimized_model_filepath:
         return ort.InferenceSession(str(path), options, providers=providers)
     st = path.stat()
     cpu = ""
@@ -248,6 +247,8 @@ def onnx_session(path, options, providers: list):
             cached.unlink(missing_ok=True)
         finally:
             options.graph_optimization_level = level
+    if b"DequantizeLinear" in path.read_bytes():  # a saved optimised INT8 (QDQ) graph reloads wrong: no entry
+        return ort.InferenceSession(str(path), options, providers=providers)
     tmp = cached.with_name(f".{key}.{os.getpid()}.partial")
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
